@@ -1,6 +1,16 @@
-"""imc_kernels: fast, exact Hessian spectral kernels for PyTorch."""
+"""imc_kernels: fast, exact Hessian spectral kernels for PyTorch.
+
+Public API (DESIGN section 3)::
+
+    H = imc_kernels.HessianOperator(model, loss_fn, batch, curvature="hessian", engine="auto")
+    H @ v                                 # (dim,) or (dim, b)
+    imc_kernels.hvp(model, loss_fn, batch, v)
+    imc_kernels.build_info()              # what is active: extension, Triton mode, versions
+"""
 
 from imc_kernels import ops, reference
 from imc_kernels._version import __version__
+from imc_kernels import hvp  # a callable module: imc_kernels.hvp(model, loss_fn, batch, v)
+from imc_kernels.hvp import HessianOperator
 
-__all__ = ["__version__", "ops", "reference"]
+__all__ = ["HessianOperator", "__version__", "hvp", "ops", "reference"]

@@ -1,0 +1,234 @@
+"""Pieces every HVP engine shares: batch and loss validation, flat-vector layout."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CURVATURES = ("hessian", "ggn")
+ENGINES = ("auto", "fused", "func", "double_backward")
+MODES = ("eval", "train")
+
+
+@dataclasses.dataclass
+class ParamLayout:
+    """Where each trainable parameter sits in a flat vector (``model.parameters()`` order)."""
+
+    names: list[str]
+    params: list[torch.Tensor]
+    offsets: list[int]
+    numels: list[int]
+    dim: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ParamLayout:
+        names, params = [], []
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                names.append(name)
+                params.append(param)
+        if not params:
+            raise ValueError(
+                "the model has no trainable parameters (every parameter has requires_grad=False);"
+                " the Hessian is taken with respect to trainable parameters"
+            )
+        numels = [p.numel() for p in params]
+        offsets = [0]
+        for n in numels[:-1]:
+            offsets.append(offsets[-1] + n)
+        return cls(names, params, offsets, numels, sum(numels))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def split_block(self, block: torch.Tensor) -> list[torch.Tensor]:
+        """``(dim, b)`` -> per parameter ``(b, *shape)`` tensors (contiguous)."""
+        rows = block.T.contiguous()
+        return [
+            rows[:, off : off + n].view(rows.shape[0], *p.shape)
+            for off, n, p in zip(self.offsets, self.numels, self.params)
+        ]
+
+    def join_block(self, pieces: Sequence[torch.Tensor], b: int) -> torch.Tensor:
+        """Per parameter ``(b, *shape)`` tensors -> ``(dim, b)`` contiguous."""
+        out = torch.empty(self.dim, b, dtype=self.dtype, device=self.device)
+        for off, n, piece in zip(self.offsets, self.numels, pieces):
+            out[off : off + n].copy_(piece.reshape(b, n).T)
+        return out
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A flat ``(dim,)`` vector -> ``{name: tensor shaped like the parameter}``."""
+        return {
+            name: vector[off : off + n].view(p.shape)
+            for name, off, n, p in zip(self.names, self.offsets, self.numels, self.params)
+        }
+
+
+def check_block(vectors: torch.Tensor, layout: ParamLayout) -> tuple[torch.Tensor, bool]:
+    """Validate ``v`` of shape ``(dim,)`` or ``(dim, b)``; return ``(block, was_vector)``.
+
+    Raises:
+        ValueError: wrong rank or length.
+        TypeError: not a tensor, wrong dtype or device.
+    """
+    if not isinstance(vectors, torch.Tensor):
+        raise TypeError(f"v must be a torch.Tensor, got {type(vectors).__name__}")
+    if vectors.dim() not in (1, 2):
+        raise ValueError(f"v must have shape (dim,) or (dim, b), got {tuple(vectors.shape)}")
+    if vectors.shape[0] != layout.dim:
+        raise ValueError(
+            f"v has length {vectors.shape[0]} but the model has {layout.dim} trainable "
+            "parameters (flat vectors follow model.parameters() order, trainable only)"
+        )
+    if vectors.dtype != layout.dtype:
+        raise TypeError(f"v has dtype {vectors.dtype}, the model's parameters are {layout.dtype}")
+    if vectors.device != layout.device:
+        raise TypeError(f"v is on {vectors.device}, the model's parameters are on {layout.device}")
+    if vectors.dim() == 1:
+        return vectors.unsqueeze(1), True
+    return vectors, False
+
+
+def unpack_batch(batch, layout: ParamLayout) -> tuple[object, torch.Tensor]:
+    """Validate ``batch = (inputs, targets)``.
+
+    Raises:
+        ValueError: not a pair, or inputs and targets of different batch sizes.
+        TypeError: tensors on another device than the model.
+    """
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError("batch must be a pair (inputs, targets)")
+    inputs, targets = batch
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+    tensors = _tensors_in(inputs)
+    if not tensors:
+        raise TypeError("inputs must be a tensor or a tuple/dict of tensors")
+    for tensor in [*tensors, targets]:
+        if tensor.device != layout.device:
+            raise TypeError(
+                f"batch tensor on {tensor.device} but the model is on {layout.device}; "
+                "move the batch to the model's device"
+            )
+    n_inputs = tensors[0].shape[0] if tensors[0].dim() else None
+    if targets.dim() == 0 or (n_inputs is not None and targets.shape[0] != n_inputs):
+        raise ValueError(
+            f"inputs hold {n_inputs} samples but targets have shape {tuple(targets.shape)}; "
+            "the first dimension of both must be the batch size"
+        )
+    return inputs, targets
+
+
+def _tensors_in(inputs) -> list[torch.Tensor]:
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    if isinstance(inputs, (tuple, list)):
+        return [t for t in inputs if isinstance(t, torch.Tensor)]
+    if isinstance(inputs, dict):
+        return [t for t in inputs.values() if isinstance(t, torch.Tensor)]
+    return []
+
+
+def call_model(model: nn.Module, inputs):
+    """Run the model on ``inputs`` (a tensor, tuple of positional inputs, or dict of kwargs)."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def resolve_loss(loss_fn: Callable | None, targets: torch.Tensor) -> Callable:
+    """``None`` means cross-entropy for integer targets and MSE for float targets."""
+    if loss_fn is not None:
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        return loss_fn
+    if targets.dtype.is_floating_point:
+        return nn.MSELoss()
+    if targets.dtype == torch.bool or targets.is_complex():
+        raise TypeError(f"cannot pick a default loss for targets of dtype {targets.dtype}")
+    return nn.CrossEntropyLoss()
+
+
+def check_targets(output: torch.Tensor, targets: torch.Tensor, loss_fn: Callable) -> None:
+    """Clear errors for the common loss/target mistakes, before they become NaNs or crashes.
+
+    Raises:
+        ValueError: class indices out of range, or MSE targets of the wrong shape.
+    """
+    if is_cross_entropy(loss_fn) and not targets.dtype.is_floating_point:
+        n_classes = output.shape[1] if output.dim() > 1 else output.shape[0]
+        ignore = getattr(loss_fn, "ignore_index", -100)
+        valid = targets != ignore
+        bad = valid & ((targets < 0) | (targets >= n_classes))
+        if bool(bad.any()):
+            raise ValueError(
+                f"cross-entropy targets must lie in [0, {n_classes}) for a model with "
+                f"{n_classes} outputs; found {targets[bad][:5].tolist()}"
+            )
+    if is_mse(loss_fn) and targets.shape != output.shape:
+        raise ValueError(
+            f"MSE targets have shape {tuple(targets.shape)} but the model output has shape "
+            f"{tuple(output.shape)}"
+        )
+
+
+def is_cross_entropy(loss_fn) -> bool:
+    return isinstance(loss_fn, nn.CrossEntropyLoss) or loss_fn is F.cross_entropy
+
+
+def is_mse(loss_fn) -> bool:
+    return isinstance(loss_fn, nn.MSELoss) or loss_fn is F.mse_loss
+
+
+def check_finite_loss(loss: torch.Tensor) -> None:
+    if not bool(torch.isfinite(loss)):
+        raise FloatingPointError(
+            f"the loss is not finite ({loss.item()}) at these parameters and this batch; "
+            "the Hessian is undefined there"
+        )
+
+
+def check_finite_product(product: torch.Tensor, engine: str) -> None:
+    if not bool(torch.isfinite(product).all()):
+        raise FloatingPointError(
+            f"the Hessian-vector product ({engine} engine) is not finite; check the input "
+            "vectors and the model's parameters for inf/NaN or overflow"
+        )
+
+
+@contextlib.contextmanager
+def strict_fp32() -> Iterator[None]:
+    """No TF32 inside the operator (DESIGN section 6): fp32 products stay fp32."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    cudnn = torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+STOCHASTIC_MODULES = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+
+
+def stochastic_modules(model: nn.Module) -> list[str]:
+    """Names of the Dropout/BatchNorm modules, which behave differently in train mode."""
+    return [
+        name or type(module).__name__
+        for name, module in model.named_modules()
+        if isinstance(module, STOCHASTIC_MODULES)
+    ]

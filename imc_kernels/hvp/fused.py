@@ -1,0 +1,164 @@
+"""The ``fused`` engine: a model walker with one HVP rule per layer type.
+
+Supported: ``nn.Sequential`` (nested allowed) of Linear, Conv2d, ReLU, LeakyReLU, Tanh,
+Sigmoid, GELU, SiLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, eval-mode
+BatchNorm1d/2d, Dropout (eval) and Identity, under cross-entropy or MSE loss.
+
+When the operator is made, the primal forward and backward run once and every rule keeps
+what its tangent passes need (inputs, pre-activations, output gradients). A product of a
+block of b vectors is then one tangent forward and one tangent backward in which every GEMM
+or convolution takes the whole block at once, and the elementwise work around them runs in
+fused kernels (Triton on GPU, their pure-PyTorch twins on CPU). Parameters shared between
+modules accumulate their products; frozen ones get no tangent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from imc_kernels.hvp._common import ParamLayout, check_targets
+from imc_kernels.hvp.layers.activation import ActivationRule, activation_kind
+from imc_kernels.hvp.layers.base import LayerRule, unsupported
+from imc_kernels.hvp.layers.batchnorm import BatchNormRule, batchnorm_unsupported_reason
+from imc_kernels.hvp.layers.conv2d import Conv2dRule, conv2d_unsupported_reason
+from imc_kernels.hvp.layers.flatten import FlattenRule
+from imc_kernels.hvp.layers.linear import LinearRule
+from imc_kernels.hvp.layers.losses import loss_unsupported_reason, make_loss_rule
+from imc_kernels.hvp.layers.pool import AvgPool2dRule, MaxPool2dRule
+
+_SIMPLE_RULES: dict[type, type[LayerRule]] = {
+    nn.Linear: LinearRule,
+    nn.Flatten: FlattenRule,
+    nn.MaxPool2d: MaxPool2dRule,
+    nn.AvgPool2d: AvgPool2dRule,
+    nn.AdaptiveAvgPool2d: AvgPool2dRule,
+    nn.Identity: LayerRule,
+    nn.Dropout: LayerRule,
+    nn.Dropout1d: LayerRule,
+    nn.Dropout2d: LayerRule,
+    nn.AlphaDropout: LayerRule,
+}
+
+
+def leaf_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of a (nested) ``nn.Sequential`` in execution order.
+
+    Raises:
+        ValueError: ``model`` is not a Sequential (the walker follows no other control flow).
+    """
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(
+            f"the fused engine walks nn.Sequential models; {type(model).__name__} has its own "
+            "forward (use engine='func')"
+        )
+    leaves = []
+    for child in model:
+        leaves.extend(leaf_modules(child) if isinstance(child, nn.Sequential) else [child])
+    return leaves
+
+
+def module_unsupported_reason(module: nn.Module) -> str | None:
+    """None when the fused engine has a rule for ``module``, else why not."""
+    if isinstance(module, nn.Conv2d):
+        return conv2d_unsupported_reason(module)
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return batchnorm_unsupported_reason(module)
+    if activation_kind(module) is not None:
+        return None
+    if type(module) in _SIMPLE_RULES:
+        return None
+    return unsupported(module, "no fused rule")
+
+
+def fused_unsupported_reason(
+    model: nn.Module, loss_fn: Callable, inputs, targets, mode: str, output_shape
+) -> str | None:
+    """Why the fused engine cannot run this problem; None when it can."""
+    if mode != "eval":
+        return "mode='train' (the fused engine evaluates Dropout and BatchNorm in eval mode)"
+    if not isinstance(inputs, torch.Tensor):
+        return "inputs other than a single tensor"
+    try:
+        leaves = leaf_modules(model)
+    except ValueError as exc:
+        return str(exc)
+    reasons = [r for r in map(module_unsupported_reason, leaves) if r]
+    if reasons:
+        return "unsupported modules: " + ", ".join(reasons)
+    return loss_unsupported_reason(loss_fn, tuple(output_shape), targets)
+
+
+def _make_rule(module: nn.Module, curvature: str) -> LayerRule:
+    if isinstance(module, nn.Conv2d):
+        return Conv2dRule(module, curvature)
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return BatchNormRule(module, curvature)
+    if activation_kind(module) is not None:
+        return ActivationRule(module, curvature)
+    return _SIMPLE_RULES[type(module)](module, curvature)
+
+
+class FusedEngine:
+    """Hessian or GGN products by per-layer R-op rules on a cached primal."""
+
+    name = "fused"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: ParamLayout,
+        loss_fn: Callable,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        curvature: str,
+    ):
+        self.layout = layout
+        self.rules = [_make_rule(m, curvature) for m in leaf_modules(model)]
+        slot = {id(p): i for i, p in enumerate(layout.params)}
+        # For each rule, the flat-layout slot of each of its parameters (None: frozen).
+        self.param_slots = [
+            [slot.get(id(p)) if p.requires_grad else None for p in rule.params]
+            for rule in self.rules
+        ]
+        has_params = [any(s is not None for s in slots) for slots in self.param_slots]
+        first = has_params.index(True) if any(has_params) else len(self.rules)
+        # Rule i needs the input gradient only when a rule before it has trainable params.
+        self.need_input_grad = [i > first for i in range(len(self.rules))]
+        with torch.no_grad():
+            h = inputs
+            for rule in self.rules:
+                h = rule.primal_forward(h)
+            check_targets(h, targets, loss_fn)
+            reason = loss_unsupported_reason(loss_fn, tuple(h.shape), targets)
+            if reason:
+                raise ValueError(f"the fused engine does not support {reason}")
+            self.loss_rule = make_loss_rule(loss_fn)
+            self.loss, g = self.loss_rule.primal(h, targets)
+            self.output = h
+            for rule, need in zip(reversed(self.rules), reversed(self.need_input_grad)):
+                g = rule.primal_backward(g, need)
+
+    def matmat(self, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per parameter ``(b, *shape)`` tangents -> per parameter ``(b, *shape)`` products."""
+        b = tangents[0].shape[0]
+        with torch.no_grad():
+            r = None
+            for rule, slots in zip(self.rules, self.param_slots):
+                r = rule.tangent_forward(r, [None if s is None else tangents[s] for s in slots])
+            rg = self.loss_rule.tangent(r)
+            products: list[torch.Tensor | None] = [None] * len(tangents)
+            for rule, slots, need in zip(
+                reversed(self.rules), reversed(self.param_slots), reversed(self.need_input_grad)
+            ):
+                rg, hv = rule.tangent_backward(rg, need)
+                for s, piece in zip(slots, hv):
+                    if s is None or piece is None:
+                        continue
+                    products[s] = piece if products[s] is None else products[s] + piece
+        return [
+            torch.zeros_like(t) if p is None else p.view(b, *t.shape[1:])
+            for p, t in zip(products, tangents)
+        ]

@@ -1,0 +1,78 @@
+"""HVP rule for elementwise activations ``a = act(z)``.
+
+* tangent forward  ``ra_i = act'(z) rz_i``
+* primal backward  ``g_z = act'(z) g_a``
+* tangent backward ``rg_z_i = act'(z) rg_a_i + act''(z) rz_i g_a``  (second term: Hessian only;
+  zero a.e. for ReLU and LeakyReLU)
+
+The primal and the whole block go through one fused kernel per pass
+(:func:`imc_kernels.ops.activation_jvp`, :func:`imc_kernels.ops.activation_hvp_backward`):
+Triton on GPU, the pure-PyTorch twin on CPU.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from imc_kernels import ops
+from imc_kernels.hvp.layers.base import LayerRule
+
+
+def activation_kind(module: nn.Module) -> tuple[str, float] | None:
+    """``(kind, negative_slope)`` for a supported activation module, else None."""
+    if isinstance(module, nn.ReLU):
+        return "relu", 0.0
+    if isinstance(module, nn.LeakyReLU):
+        return "leaky_relu", float(module.negative_slope)
+    if isinstance(module, nn.Tanh):
+        return "tanh", 0.0
+    if isinstance(module, nn.Sigmoid):
+        return "sigmoid", 0.0
+    if isinstance(module, nn.GELU):
+        return ("gelu_tanh" if module.approximate == "tanh" else "gelu"), 0.0
+    if isinstance(module, nn.SiLU):
+        return "silu", 0.0
+    return None
+
+
+class ActivationRule(LayerRule):
+    def __init__(self, module, curvature):
+        super().__init__(module, curvature)
+        self.kind, self.negative_slope = activation_kind(module)
+
+    def primal_forward(self, x):
+        self.z = x
+        a, _ = ops.activation_jvp(
+            x, x.new_empty((0, *x.shape)), self.kind, negative_slope=self.negative_slope
+        )
+        return a
+
+    def primal_backward(self, g_y, need_input_grad):
+        self.g_a = g_y
+        if not need_input_grad:
+            return None
+        g_z, _ = ops.activation_hvp_backward(
+            self.z, None, g_y, g_y.new_empty((0, *g_y.shape)), self.kind,
+            negative_slope=self.negative_slope, curvature="ggn", write_primal=True,
+        )
+        return g_z
+
+    def tangent_forward(self, rx, dparams):
+        self.rz = rx
+        if rx is None:
+            return None
+        _, ra = ops.activation_jvp(
+            self.z, rx, self.kind, negative_slope=self.negative_slope, write_primal=False
+        )
+        return ra
+
+    def tangent_backward(self, rg_y, need_input_grad):
+        if not need_input_grad:
+            return None, []
+        # Without a forward tangent (rz = 0) the second-derivative term vanishes.
+        curvature = "hessian" if self.hessian and self.rz is not None else "ggn"
+        _, rg_z = ops.activation_hvp_backward(
+            self.z, self.rz, self.g_a, rg_y, self.kind,
+            negative_slope=self.negative_slope, curvature=curvature,
+        )
+        return rg_z, []

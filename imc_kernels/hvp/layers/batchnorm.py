@@ -1,0 +1,84 @@
+"""HVP rule for eval-mode ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` (running statistics).
+
+In eval mode BatchNorm is a per-channel affine map: ``xh = (x - mu) s``,
+``s = 1/sqrt(var + eps)``, ``y = xh gamma + beta``, so its only second-order terms couple the
+input tangent with the scale tangent. Channels are dimension 1 of ``x``; shapes (N, C) or
+(N, C, L) or (N, C, H, W).
+
+* tangent forward  ``ry_i = rx_i s gamma + xh dgamma_i + dbeta_i``
+* primal backward  ``g_x = g_y gamma s``
+* tangent backward ``rg_x_i = rg_y_i gamma s + g_y dgamma_i s``          (second: Hessian only)
+* parameter products ``(Hv)_gamma,i = sum(rg_y_i xh + g_y rx_i s)``      (second: Hessian only)
+  ``(Hv)_beta,i = sum(rg_y_i)``, sums over every dimension but channels
+
+Train-mode BatchNorm couples the rows of the batch; the operator runs the model in eval mode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from imc_kernels.hvp.layers.base import LayerRule, unsupported
+
+
+def batchnorm_unsupported_reason(module) -> str | None:
+    if not module.track_running_stats or module.running_mean is None:
+        return unsupported(module, "no running statistics: eval mode still uses batch statistics")
+    return None
+
+
+class BatchNormRule(LayerRule):
+    def _channel(self, t, ndim):
+        """A (C,) tensor shaped to broadcast over an ``ndim``-dimensional activation."""
+        return t.view(1, -1, *([1] * (ndim - 2)))
+
+    def primal_forward(self, x):
+        m = self.module
+        ndim = x.dim()
+        self.scale = self._channel(torch.rsqrt(m.running_var + m.eps), ndim)
+        self.x_hat = (x - self._channel(m.running_mean, ndim)) * self.scale
+        self.sum_dims = tuple(d for d in range(ndim) if d != 1)
+        if m.affine:
+            self.gamma = self._channel(m.weight, ndim)
+            return self.x_hat * self.gamma + self._channel(m.bias, ndim)
+        self.gamma = torch.ones_like(self.scale)
+        return self.x_hat.clone()
+
+    def primal_backward(self, g_y, need_input_grad):
+        self.g_y = g_y
+        return g_y * (self.gamma * self.scale) if need_input_grad else None
+
+    def tangent_forward(self, rx, dparams):
+        self.rx = rx
+        self.d_gamma = dparams[0] if self.module.affine else None
+        d_beta = dparams[1] if self.module.affine else None
+        ry = None if rx is None else rx * (self.gamma * self.scale)
+        for d, base in ((self.d_gamma, self.x_hat), (d_beta, None)):
+            if d is None:
+                continue
+            term = d.view(d.shape[0], *self._channel(d[0], self.x_hat.dim()).shape)
+            term = term * base if base is not None else term
+            ry = term.expand(d.shape[0], *self.x_hat.shape).clone() if ry is None else ry + term
+        return ry
+
+    def tangent_backward(self, rg_y, need_input_grad):
+        m = self.module
+        dims = tuple(d + 1 for d in self.sum_dims)
+        hv = []
+        if m.affine:
+            hv_gamma = hv_beta = None
+            if m.weight.requires_grad:
+                inner = rg_y * self.x_hat
+                if self.hessian and self.rx is not None:
+                    inner = inner + self.rx * (self.g_y * self.scale)
+                hv_gamma = inner.sum(dim=dims)
+            if m.bias.requires_grad:
+                hv_beta = rg_y.sum(dim=dims)
+            hv = [hv_gamma, hv_beta]
+        rg_x = None
+        if need_input_grad:
+            rg_x = rg_y * (self.gamma * self.scale)
+            if self.hessian and self.d_gamma is not None:
+                shape = (self.d_gamma.shape[0], *self._channel(self.d_gamma[0], rg_y.dim() - 1).shape)
+                rg_x = rg_x + self.d_gamma.view(shape) * (self.g_y * self.scale)
+        return rg_x, hv

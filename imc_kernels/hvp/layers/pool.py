@@ -1,0 +1,101 @@
+"""HVP rules for ``nn.MaxPool2d``, ``nn.AvgPool2d`` and ``nn.AdaptiveAvgPool2d``.
+
+All three are (piecewise) linear in their input, so their second derivative vanishes (a.e.
+for max pooling) and the tangent passes are the primal passes applied to each tangent:
+
+* max pool: ``ry_i = rx_i[argmax]`` through the indices saved by the primal forward, and
+  ``rg_x_i = scatter_add(rg_y_i, argmax)`` (overlapping windows add);
+* average pools: the same linear pooling forward, and its adjoint backward.
+
+The block dimension is folded into the batch, so every tangent pass is one call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imc_kernels.hvp.layers.base import LayerRule
+
+
+class MaxPool2dRule(LayerRule):
+    def primal_forward(self, x):
+        m = self.module
+        y, indices = F.max_pool2d(
+            x, m.kernel_size, m.stride, m.padding, m.dilation,
+            ceil_mode=m.ceil_mode, return_indices=True,
+        )
+        self.x_shape, self.y_shape = x.shape, y.shape
+        self.indices = indices.flatten(-2)  # (N, C, Ho*Wo) into flattened (H*W) planes
+        return y
+
+    def _gather(self, t):
+        b = t.shape[0]
+        index = self.indices.unsqueeze(0).expand(b, *self.indices.shape)
+        return t.flatten(-2).gather(-1, index).view(b, *self.y_shape)
+
+    def _scatter(self, t):
+        b = t.shape[0]
+        index = self.indices.unsqueeze(0).expand(b, *self.indices.shape)
+        out = t.new_zeros(b, *self.x_shape[:-2], self.x_shape[-2] * self.x_shape[-1])
+        return out.scatter_add_(-1, index, t.flatten(-2)).view(b, *self.x_shape)
+
+    def primal_backward(self, g_y, need_input_grad):
+        return self._scatter(g_y.unsqueeze(0))[0] if need_input_grad else None
+
+    def tangent_forward(self, rx, dparams):
+        return None if rx is None else self._gather(rx)
+
+    def tangent_backward(self, rg_y, need_input_grad):
+        return (self._scatter(rg_y) if need_input_grad else None), []
+
+
+class AvgPool2dRule(LayerRule):
+    """``nn.AvgPool2d`` and ``nn.AdaptiveAvgPool2d``: linear, so tangents reuse the primal op."""
+
+    def _pool(self, x):
+        m = self.module
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            return F.adaptive_avg_pool2d(x, m.output_size)
+        return F.avg_pool2d(
+            x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+            m.divisor_override,
+        )
+
+    def _adjoint(self, g_y):
+        m = self.module
+        shape = (g_y.shape[0], *self.x_shape[1:])
+        # The backward ops read only the input's shape; an uninitialised tensor is enough.
+        like = g_y.new_empty(shape)
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            return torch.ops.aten._adaptive_avg_pool2d_backward(g_y, like)
+        kernel = _pair(m.kernel_size)
+        stride = _pair(m.stride if m.stride is not None else m.kernel_size)
+        return torch.ops.aten.avg_pool2d_backward(
+            g_y, like, kernel, stride, _pair(m.padding), m.ceil_mode, m.count_include_pad,
+            m.divisor_override,
+        )
+
+    def primal_forward(self, x):
+        self.x_shape = x.shape
+        return self._pool(x)
+
+    def primal_backward(self, g_y, need_input_grad):
+        return self._adjoint(g_y) if need_input_grad else None
+
+    def tangent_forward(self, rx, dparams):
+        if rx is None:
+            return None
+        y = self._pool(rx.flatten(0, 1))
+        return y.view(rx.shape[0], *self.x_shape[:1], *y.shape[1:])
+
+    def tangent_backward(self, rg_y, need_input_grad):
+        if not need_input_grad:
+            return None, []
+        b = rg_y.shape[0]
+        return self._adjoint(rg_y.flatten(0, 1)).view(b, *self.x_shape), []
+
+
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)

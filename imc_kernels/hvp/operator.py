@@ -1,0 +1,276 @@
+"""``HessianOperator``: the loss Hessian (or GGN) of a model on a batch, as a linear operator."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from imc_kernels.hvp._common import (
+    CURVATURES,
+    ENGINES,
+    MODES,
+    ParamLayout,
+    call_model,
+    check_block,
+    check_finite_loss,
+    check_finite_product,
+    check_targets,
+    resolve_loss,
+    stochastic_modules,
+    strict_fp32,
+    unpack_batch,
+)
+from imc_kernels.hvp.double_backward import DoubleBackwardEngine
+from imc_kernels.hvp.func_engine import FuncEngine
+from imc_kernels.hvp.fused import FusedEngine, fused_unsupported_reason
+
+logger = logging.getLogger("imc_kernels")
+
+_ENGINES = {"fused": FusedEngine, "func": FuncEngine, "double_backward": DoubleBackwardEngine}
+
+
+class HessianOperator:
+    """The Hessian (or Gauss-Newton matrix) of ``loss_fn(model(inputs), targets)``.
+
+    Products take flat vectors in ``model.parameters()`` order (trainable parameters only):
+    ``H @ v`` with ``v`` of shape ``(dim,)`` or a block ``(dim, b)``. The batch is fixed, so
+    the engines compute what does not depend on ``v`` once, when the operator is made.
+
+    Args:
+        model: the network; its parameters define the Hessian's coordinates.
+        loss_fn: ``loss_fn(output, targets) -> scalar``; None means cross-entropy for integer
+            targets and MSE for float targets.
+        batch: ``(inputs, targets)`` on the model's device.
+        curvature: ``"hessian"`` or ``"ggn"`` (``J^T H_loss J``, positive semi-definite when
+            the loss is convex in the output).
+        engine: ``"fused"`` (per-layer rules, block GEMMs, fused kernels), ``"func"``
+            (``torch.func`` forward-over-reverse, any model), ``"double_backward"``
+            (reverse-over-reverse, Hessian only), or ``"auto"``: fused when every module and
+            the loss are supported, else func. ``engine_reason`` says why.
+        mode: ``"eval"`` (default) evaluates the model in eval mode (dropout off, BatchNorm
+            running statistics) and restores its mode afterwards; ``"train"`` keeps train
+            mode, where products are neither deterministic (dropout) nor row-separable
+            (BatchNorm batch statistics).
+        check_finite: raise ``FloatingPointError`` when a product is not finite.
+
+    Raises:
+        ValueError: bad arguments, a batch that does not fit the model, targets out of range.
+        TypeError: tensors of the wrong type, dtype or device.
+        FloatingPointError: the loss is not finite.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+        >>> batch = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+        >>> H = HessianOperator(model, None, batch)
+        >>> H.dim, H.engine
+        (23, 'fused')
+        >>> (H @ torch.randn(H.dim, 5)).shape
+        torch.Size([23, 5])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable | None = None,
+        batch=None,
+        *,
+        curvature: str = "hessian",
+        engine: str = "auto",
+        mode: str = "eval",
+        check_finite: bool = True,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if batch is None:
+            raise ValueError("batch is required: a pair (inputs, targets)")
+        self.model = model
+        self.layout = ParamLayout.of(model)
+        self.inputs, self.targets = unpack_batch(batch, self.layout)
+        self.loss_fn = resolve_loss(loss_fn, self.targets)
+        self.curvature = curvature
+        self.mode = mode
+        self.check_finite = check_finite
+        self.n_products = 0
+        self._warn_mode(model, mode)
+
+        with self._context():
+            output = self._primal_output()
+            check_targets(output, self.targets, self.loss_fn)
+            self.loss = self.loss_fn(output, self.targets).detach()
+            check_finite_loss(self.loss)
+            self.engine, self.engine_reason = self._choose_engine(engine, output.shape)
+            self._engine = _ENGINES[self.engine](
+                model, self.layout, self.loss_fn, self.inputs, self.targets, curvature
+            )
+        logger.info("HessianOperator: engine %s (%s)", self.engine, self.engine_reason)
+
+    # ----------------------------------------------------------------------------- setup
+    @staticmethod
+    def _warn_mode(model: nn.Module, mode: str) -> None:
+        if not model.training:
+            return
+        names = stochastic_modules(model)
+        if not names:
+            return
+        if mode == "eval":
+            warnings.warn(
+                f"the model is in train mode with {', '.join(names)}; HessianOperator "
+                "evaluates it in eval mode (dropout off, BatchNorm running statistics) so "
+                "products are deterministic; pass mode='train' to keep train mode",
+                stacklevel=3,
+            )
+        else:
+            warnings.warn(
+                f"mode='train' with {', '.join(names)}: the operator is not deterministic "
+                "(dropout) and BatchNorm couples the rows of the batch",
+                stacklevel=3,
+            )
+
+    def _primal_output(self) -> torch.Tensor:
+        shapes = [tuple(t.shape) for t in _tensors(self.inputs)]
+        try:
+            with torch.no_grad():
+                return call_model(self.model, self.inputs)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise ValueError(
+                f"the model's forward failed on batch inputs of shape {shapes}: {exc}"
+            ) from exc
+
+    def _choose_engine(self, engine: str, output_shape) -> tuple[str, str]:
+        if engine in ("auto", "fused"):
+            reason = fused_unsupported_reason(
+                self.model, self.loss_fn, self.inputs, self.targets, self.mode, output_shape
+            )
+            if reason is None:
+                return "fused", "every module and the loss have fused rules"
+            if engine == "fused":
+                raise ValueError(f"engine='fused' cannot run this model: {reason}")
+            return "func", f"fused engine unavailable: {reason}"
+        return engine, "requested"
+
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        with strict_fp32(), _model_mode(self.model, self.mode):
+            yield
+
+    # --------------------------------------------------------------------------- products
+    @property
+    def dim(self) -> int:
+        """Number of trainable parameters (the operator is ``dim x dim``)."""
+        return self.layout.dim
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.dim, self.dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layout.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layout.device
+
+    def matmat(self, block: torch.Tensor) -> torch.Tensor:
+        """``H @ V`` for a block ``V`` of shape ``(dim, b)``; returns ``(dim, b)``.
+
+        Raises:
+            ValueError: wrong shape. TypeError: wrong dtype or device.
+            FloatingPointError: a non-finite product (with ``check_finite``).
+        """
+        block, was_vector = check_block(block, self.layout)
+        b = block.shape[1]
+        if b == 0:
+            return block.new_zeros(block.shape)
+        with self._context():
+            pieces = self._engine.matmat(self.layout.split_block(block))
+        out = self.layout.join_block(pieces, b)
+        if self.check_finite:
+            check_finite_product(out, self.engine)
+        self.n_products += b
+        return out[:, 0] if was_vector else out
+
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        """``H @ v`` for ``v`` of shape ``(dim,)``."""
+        if not isinstance(vector, torch.Tensor) or vector.dim() != 1:
+            shape = tuple(vector.shape) if isinstance(vector, torch.Tensor) else type(vector)
+            raise ValueError(f"matvec takes a vector of shape ({self.dim},), got {shape}")
+        return self.matmat(vector)
+
+    def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
+        return self.matmat(other)
+
+    def as_params(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A flat vector as ``{parameter name: tensor shaped like the parameter}``."""
+        check_block(vector, self.layout)
+        return self.layout.unflatten(vector)
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (NumPy in, NumPy out, float64)."""
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator
+
+        def apply(x):
+            x = np.asarray(x)
+            block = torch.as_tensor(x.reshape(self.dim, -1), dtype=self.dtype, device=self.device)
+            out = self.matmat(block).to(torch.float64).cpu().numpy()
+            return out.reshape(x.shape)
+
+        return LinearOperator(
+            (self.dim, self.dim), matvec=apply, matmat=apply, rmatvec=apply, rmatmat=apply,
+            dtype=np.float64,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"HessianOperator(dim={self.dim}, curvature={self.curvature!r}, "
+            f"engine={self.engine!r} ({self.engine_reason}), device={self.device}, "
+            f"dtype={self.dtype}, n_products={self.n_products})"
+        )
+
+
+def hvp(model: nn.Module, loss_fn: Callable | None, batch, v: torch.Tensor, **kwargs):
+    """One-call ``H @ v``: builds a :class:`HessianOperator` and applies it.
+
+    Args:
+        model, loss_fn, batch: as for :class:`HessianOperator`.
+        v: ``(dim,)`` or ``(dim, b)``.
+        **kwargs: ``curvature``, ``engine``, ``mode``, ``check_finite``.
+
+    Returns:
+        ``H @ v``, shaped like ``v``.
+    """
+    return HessianOperator(model, loss_fn, batch, **kwargs).matmat(v)
+
+
+@contextlib.contextmanager
+def _model_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    if mode == "train" or not model.training and not any(m.training for m in model.modules()):
+        yield
+        return
+    previous = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in previous:
+            module.training = training
+
+
+def _tensors(inputs):
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    if isinstance(inputs, dict):
+        inputs = list(inputs.values())
+    return [t for t in inputs if isinstance(t, torch.Tensor)]
