@@ -8,9 +8,13 @@ Public API (DESIGN section 3)::
     imc_kernels.build_info()              # what is active: extension, Triton mode, versions
 """
 
-from imc_kernels import ops, reference
+from imc_kernels import (
+    hvp,  # a callable module: imc_kernels.hvp(model, loss_fn, batch, v)
+    ops,
+    reference,
+)
+from imc_kernels._build_info import build_info
 from imc_kernels._version import __version__
-from imc_kernels import hvp  # a callable module: imc_kernels.hvp(model, loss_fn, batch, v)
 from imc_kernels.hvp import HessianOperator
 
-__all__ = ["HessianOperator", "__version__", "hvp", "ops", "reference"]
+__all__ = ["HessianOperator", "__version__", "build_info", "hvp", "ops", "reference"]

@@ -228,7 +228,11 @@ class HessianOperator:
             return out.reshape(x.shape)
 
         return LinearOperator(
-            (self.dim, self.dim), matvec=apply, matmat=apply, rmatvec=apply, rmatmat=apply,
+            (self.dim, self.dim),
+            matvec=apply,
+            matmat=apply,
+            rmatvec=apply,
+            rmatmat=apply,
             dtype=np.float64,
         )
 

@@ -16,6 +16,11 @@ silu           s (1 + z (1 - s))           s (1 - s) (2 + z (1 - 2 s))
 =============  ==========================  ===========================================
 
 with ``u = c (z + 0.044715 z^3)``, ``c = sqrt(2/pi)`` for the tanh approximation of GELU.
+
+The formulas are evaluated without cancellation in the tails, as the Triton kernels do:
+``1 - s`` is ``sigmoid(-z)``, ``1 - t^2`` is ``4 s(2z) s(-2z)`` and ``0.5 (1 + tanh u)`` is
+``sigmoid(2u)``. In fp32 the textbook forms lose relative accuracy as ``|z|`` grows and round
+to zero past ``|z|`` ~ 9 (``1 - t^2``) or ~ 17 (``1 - s``).
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ def check_inputs(z: torch.Tensor, tangents: torch.Tensor, kind: str) -> None:
     """
     if kind not in ACTIVATIONS:
         raise ValueError(f"unknown activation {kind!r}; expected one of {ACTIVATIONS}")
-    if tangents.shape[1:] != z.shape:
+    if not z.dtype.is_floating_point:
+        raise TypeError(f"activation inputs must be floating point, got z of dtype {z.dtype}")
+    if tangents.dim() != z.dim() + 1 or tangents.shape[1:] != z.shape:
         raise ValueError(
             f"tangents must have shape (b, *z.shape) = (b, {tuple(z.shape)}), "
             f"got {tuple(tangents.shape)}"
@@ -72,6 +79,8 @@ def check_backward_inputs(
     check_inputs(z, grad_tangents, kind)
     if grad.shape != z.shape:
         raise ValueError(f"grad must have the shape of z {tuple(z.shape)}, got {tuple(grad.shape)}")
+    if grad.dtype != z.dtype or grad.device != z.device:
+        raise TypeError(f"grad ({grad.dtype}, {grad.device}) must match z ({z.dtype}, {z.device})")
     if curvature == "hessian":
         if tangents is None:
             raise ValueError("curvature='hessian' needs the forward tangents of z")
@@ -79,6 +88,11 @@ def check_backward_inputs(
             raise ValueError(
                 f"tangents {tuple(tangents.shape)} and grad_tangents "
                 f"{tuple(grad_tangents.shape)} must have one shape"
+            )
+        if tangents.dtype != z.dtype or tangents.device != z.device:
+            raise TypeError(
+                f"tangents ({tangents.dtype}, {tangents.device}) must match z "
+                f"({z.dtype}, {z.device})"
             )
 
 
@@ -103,7 +117,8 @@ def primal(z: torch.Tensor, kind: str, negative_slope: float = 0.01) -> torch.Te
     if kind == "gelu":
         return z * _cdf(z)
     if kind == "gelu_tanh":
-        return 0.5 * z * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_K * z**3)))
+        # 0.5 z (1 + tanh u) = z sigmoid(2u), without the cancellation of 1 + tanh u for z << 0.
+        return z * torch.sigmoid(2.0 * _SQRT_2_OVER_PI * (z + _GELU_TANH_K * z**3))
     if kind == "silu":
         return z * torch.sigmoid(z)
     raise ValueError(f"unknown activation {kind!r}")
@@ -120,12 +135,13 @@ def derivatives(
         return torch.where(z > 0, one, one * negative_slope), None
     if kind == "tanh":
         t = torch.tanh(z)
-        d1 = 1.0 - t * t
+        # 1 - t^2 = 4 s(2z) s(-2z): no cancellation for large |z|.
+        d1 = 4.0 * torch.sigmoid(2.0 * z) * torch.sigmoid(-2.0 * z)
         return d1, (-2.0 * t * d1 if second else None)
     if kind == "sigmoid":
-        s = torch.sigmoid(z)
-        d1 = s * (1.0 - s)
-        return d1, (d1 * (1.0 - 2.0 * s) if second else None)
+        s, s_c = torch.sigmoid(z), torch.sigmoid(-z)
+        d1 = s * s_c
+        return d1, (d1 * (s_c - s) if second else None)
     if kind == "gelu":
         phi = _phi(z)
         d1 = _cdf(z) + z * phi
@@ -133,17 +149,19 @@ def derivatives(
     if kind == "gelu_tanh":
         u = _SQRT_2_OVER_PI * (z + _GELU_TANH_K * z**3)
         du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_K * z * z)
-        t = torch.tanh(u)
-        sech2 = 1.0 - t * t
-        d1 = 0.5 * (1.0 + t) + 0.5 * z * sech2 * du
+        # 0.5 (1 + t) = sigmoid(2u) and 1 - t^2 = 4 sigmoid(2u) sigmoid(-2u).
+        s, s_c = torch.sigmoid(2.0 * u), torch.sigmoid(-2.0 * u)
+        sech2 = 4.0 * s * s_c
+        d1 = s + 0.5 * z * sech2 * du
         if not second:
             return d1, None
         ddu = _SQRT_2_OVER_PI * 6.0 * _GELU_TANH_K * z
+        t = s - s_c
         return d1, sech2 * (du + 0.5 * z * (ddu - 2.0 * t * du * du))
     if kind == "silu":
-        s = torch.sigmoid(z)
-        d1 = s * (1.0 + z * (1.0 - s))
-        return d1, (s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s)) if second else None)
+        s, s_c = torch.sigmoid(z), torch.sigmoid(-z)
+        d1 = s * (1.0 + z * s_c)
+        return d1, (s * s_c * (2.0 + z * (s_c - s)) if second else None)
     raise ValueError(f"unknown activation {kind!r}")
 
 

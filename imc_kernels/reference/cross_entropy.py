@@ -27,12 +27,20 @@ def check_inputs(
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be (N, C), got shape {tuple(logits.shape)}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
     n_rows, n_classes = logits.shape
+    if n_classes == 0:
+        raise ValueError("logits must have at least one class (C >= 1)")
     if target.shape != (n_rows,):
-        raise ValueError(f"target must be ({n_rows},) for logits {tuple(logits.shape)}, "
-                         f"got {tuple(target.shape)}")
-    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise ValueError(
+            f"target must be ({n_rows},) for logits {tuple(logits.shape)}, "
+            f"got {tuple(target.shape)}"
+        )
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"cross-entropy targets must be integer class indices, got {target.dtype}")
+    if target.device != logits.device:
+        raise TypeError(f"target is on {target.device} but logits are on {logits.device}")
     if tangents.dim() != 3 or tangents.shape[1:] != logits.shape:
         raise ValueError(
             f"tangents must be (b, N, C) = (b, {n_rows}, {n_classes}), got {tuple(tangents.shape)}"
@@ -61,17 +69,20 @@ def cross_entropy_hvp(
     write_primal: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Reference of :func:`imc_kernels.ops.cross_entropy_hvp`."""
-    valid = (target != ignore_index).unsqueeze(1)
+    valid_rows = target != ignore_index
+    valid = valid_rows.unsqueeze(1)
+    zero = logits.new_zeros(())
     log_p = torch.log_softmax(logits, dim=1)
     p = log_p.exp()
-    # Zero the probabilities of ignored rows once: every output below is linear in them.
-    p_masked = p * valid
+    # Ignored rows: torch.where, not a product with the mask, since such a row may hold inf or
+    # NaN logits or tangents (0 * NaN = NaN) and the contract is exact zeros for it.
+    p_masked = torch.where(valid, p, zero)
     pu = (tangents * p_masked).sum(dim=2, keepdim=True)
-    rgrad = (p_masked * tangents - p_masked * pu) * scale
+    rgrad = torch.where(valid, (p_masked * tangents - p_masked * pu) * scale, zero)
     if not write_primal:
         return None, None, rgrad
-    safe_target = torch.where(valid.squeeze(1), target, torch.zeros_like(target))
+    safe_target = torch.where(valid_rows, target, torch.zeros_like(target)).long()
     onehot = torch.zeros_like(logits).scatter_(1, safe_target.unsqueeze(1), 1.0)
-    grad = (p - onehot) * valid * scale
-    row_loss = -(log_p.gather(1, safe_target.unsqueeze(1)).squeeze(1)) * valid.squeeze(1)
+    grad = torch.where(valid, p_masked - onehot, zero) * scale
+    row_loss = torch.where(valid_rows, -log_p.gather(1, safe_target.unsqueeze(1)).squeeze(1), zero)
     return row_loss, grad, rgrad

@@ -22,11 +22,13 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
     if x.dim() != 2 or y.dim() != 2:
         raise ValueError(f"tsmm_xty needs 2-D x and y, got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y must have the same number of rows, got {x.shape[0]} and "
-                         f"{y.shape[0]}")
+        raise ValueError(
+            f"x and y must have the same number of rows, got {x.shape[0]} and {y.shape[0]}"
+        )
     if x.shape[1] > MAX_COLUMNS or y.shape[1] > MAX_COLUMNS:
-        raise ValueError(f"tsmm_xty supports at most {MAX_COLUMNS} columns, got "
-                         f"{x.shape[1]} and {y.shape[1]}")
+        raise ValueError(
+            f"tsmm_xty supports at most {MAX_COLUMNS} columns, got {x.shape[1]} and {y.shape[1]}"
+        )
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"tsmm_xty takes float32 or float64 inputs, got {x.dtype}")
     if x.dtype != y.dtype or x.device != y.device:

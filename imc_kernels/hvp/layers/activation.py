@@ -52,8 +52,14 @@ class ActivationRule(LayerRule):
         if not need_input_grad:
             return None
         g_z, _ = ops.activation_hvp_backward(
-            self.z, None, g_y, g_y.new_empty((0, *g_y.shape)), self.kind,
-            negative_slope=self.negative_slope, curvature="ggn", write_primal=True,
+            self.z,
+            None,
+            g_y,
+            g_y.new_empty((0, *g_y.shape)),
+            self.kind,
+            negative_slope=self.negative_slope,
+            curvature="ggn",
+            write_primal=True,
         )
         return g_z
 
@@ -72,7 +78,12 @@ class ActivationRule(LayerRule):
         # Without a forward tangent (rz = 0) the second-derivative term vanishes.
         curvature = "hessian" if self.hessian and self.rz is not None else "ggn"
         _, rg_z = ops.activation_hvp_backward(
-            self.z, self.rz, self.g_a, rg_y, self.kind,
-            negative_slope=self.negative_slope, curvature=curvature,
+            self.z,
+            self.rz,
+            self.g_a,
+            rg_y,
+            self.kind,
+            negative_slope=self.negative_slope,
+            curvature=curvature,
         )
         return rg_z, []

@@ -79,6 +79,9 @@ class BatchNormRule(LayerRule):
         if need_input_grad:
             rg_x = rg_y * (self.gamma * self.scale)
             if self.hessian and self.d_gamma is not None:
-                shape = (self.d_gamma.shape[0], *self._channel(self.d_gamma[0], rg_y.dim() - 1).shape)
+                shape = (
+                    self.d_gamma.shape[0],
+                    *self._channel(self.d_gamma[0], rg_y.dim() - 1).shape,
+                )
                 rg_x = rg_x + self.d_gamma.view(shape) * (self.g_y * self.scale)
         return rg_x, hv

@@ -51,7 +51,9 @@ class Conv2dRule(LayerRule):
         padding = module.padding
         self.padding = _same_padding(module) if isinstance(padding, str) else tuple(padding)
         self.conv_args = dict(
-            stride=module.stride, padding=self.padding, dilation=module.dilation,
+            stride=module.stride,
+            padding=self.padding,
+            dilation=module.dilation,
             groups=module.groups,
         )
 
@@ -108,10 +110,12 @@ class Conv2dRule(LayerRule):
                     self.x, (b * co, *weight.shape[1:]), stacked, **self.conv_args
                 ).view(b, *weight.shape)
             else:
-                hv_weight = torch.stack([
-                    conv2d_weight(self.x, weight.shape, rg_y[i], **self.conv_args)
-                    for i in range(b)
-                ])
+                hv_weight = torch.stack(
+                    [
+                        conv2d_weight(self.x, weight.shape, rg_y[i], **self.conv_args)
+                        for i in range(b)
+                    ]
+                )
             if self.hessian and self.rx is not None:
                 hv_weight.add_(self._weight_grad_of_input_tangents())
         if self.module.bias is not None and self.module.bias.requires_grad:
@@ -132,8 +136,10 @@ class Conv2dRule(LayerRule):
         b, n, ci = self.rx.shape[:3]
         co = weight.shape[0]
         inputs = self.rx.transpose(0, 1).reshape(n, b * ci, *self.rx.shape[3:])
-        grads = self.g_y.unsqueeze(1).expand(n, b, *self.g_y.shape[1:]).reshape(
-            n, b * co, *self.g_y.shape[2:]
+        grads = (
+            self.g_y.unsqueeze(1)
+            .expand(n, b, *self.g_y.shape[1:])
+            .reshape(n, b * co, *self.g_y.shape[2:])
         )
         args = dict(self.conv_args, groups=b * groups)
         return conv2d_weight(inputs, (b * co, *weight.shape[1:]), grads, **args).view(
@@ -148,11 +154,11 @@ class Conv2dRule(LayerRule):
             stacked = self.d_weight.transpose(0, 1).reshape(
                 self.d_weight.shape[1], b * ci, *self.d_weight.shape[3:]
             )
-            out = conv2d_input(
-                (n, b * ci, *self.x.shape[2:]), stacked, self.g_y, **self.conv_args
-            )
+            out = conv2d_input((n, b * ci, *self.x.shape[2:]), stacked, self.g_y, **self.conv_args)
             return out.view(n, b, ci, *self.x.shape[2:]).transpose(0, 1)
-        return torch.stack([
-            conv2d_input(self.x.shape, self.d_weight[i], self.g_y, **self.conv_args)
-            for i in range(b)
-        ])
+        return torch.stack(
+            [
+                conv2d_input(self.x.shape, self.d_weight[i], self.g_y, **self.conv_args)
+                for i in range(b)
+            ]
+        )

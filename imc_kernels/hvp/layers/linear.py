@@ -54,8 +54,10 @@ class LinearRule(LayerRule):
             x_dw = (self.x @ d_weight.reshape(b * m, k).T).view(rows, b, m).transpose(0, 1)
             ry = x_dw.contiguous() if ry is None else ry.add_(x_dw)
         if d_bias is not None:
-            ry = d_bias.unsqueeze(1).expand(b, rows, m).clone() if ry is None else ry.add_(
-                d_bias.unsqueeze(1)
+            ry = (
+                d_bias.unsqueeze(1).expand(b, rows, m).clone()
+                if ry is None
+                else ry.add_(d_bias.unsqueeze(1))
             )
         if ry is None:
             return None

@@ -53,14 +53,21 @@ class CrossEntropyRule:
         # F.cross_entropy's mean over zero valid rows is NaN; so is ours (0/0), caught later.
         self.scale = 1.0 / n_valid if n_valid else float("nan")
         row_loss, g_z, _ = ops.cross_entropy_hvp(
-            z, targets, z.new_empty((0, *z.shape)), scale=self.scale,
+            z,
+            targets,
+            z.new_empty((0, *z.shape)),
+            scale=self.scale,
             ignore_index=self.ignore_index,
         )
         return row_loss.sum() * self.scale, g_z
 
     def tangent(self, rz):
         _, _, rg = ops.cross_entropy_hvp(
-            self.z, self.targets, rz, scale=self.scale, ignore_index=self.ignore_index,
+            self.z,
+            self.targets,
+            rz,
+            scale=self.scale,
+            ignore_index=self.ignore_index,
             write_primal=False,
         )
         return rg
@@ -83,4 +90,3 @@ def make_loss_rule(loss_fn):
     if is_cross_entropy(loss_fn):
         return CrossEntropyRule(loss_fn)
     return MSERule(loss_fn)
-

@@ -23,8 +23,13 @@ class MaxPool2dRule(LayerRule):
     def primal_forward(self, x):
         m = self.module
         y, indices = F.max_pool2d(
-            x, m.kernel_size, m.stride, m.padding, m.dilation,
-            ceil_mode=m.ceil_mode, return_indices=True,
+            x,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.dilation,
+            ceil_mode=m.ceil_mode,
+            return_indices=True,
         )
         self.x_shape, self.y_shape = x.shape, y.shape
         self.indices = indices.flatten(-2)  # (N, C, Ho*Wo) into flattened (H*W) planes
@@ -59,7 +64,12 @@ class AvgPool2dRule(LayerRule):
         if isinstance(m, nn.AdaptiveAvgPool2d):
             return F.adaptive_avg_pool2d(x, m.output_size)
         return F.avg_pool2d(
-            x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+            x,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.ceil_mode,
+            m.count_include_pad,
             m.divisor_override,
         )
 
@@ -73,7 +83,13 @@ class AvgPool2dRule(LayerRule):
         kernel = _pair(m.kernel_size)
         stride = _pair(m.stride if m.stride is not None else m.kernel_size)
         return torch.ops.aten.avg_pool2d_backward(
-            g_y, like, kernel, stride, _pair(m.padding), m.ceil_mode, m.count_include_pad,
+            g_y,
+            like,
+            kernel,
+            stride,
+            _pair(m.padding),
+            m.ceil_mode,
+            m.count_include_pad,
             m.divisor_override,
         )
 

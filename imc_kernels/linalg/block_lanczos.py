@@ -1,0 +1,844 @@
+"""Thick-restart block Lanczos (block Krylov-Schur) for a few eigenpairs of a symmetric operator.
+
+The algorithm of ``notes/kernel_design.md`` 3.2, in pure PyTorch on top of the dispatched
+ops, so it runs on any device the operator runs on:
+
+* a float32 (by default) basis ``V`` preallocated once, ``(n, m_max + b)``;
+* each block step (:func:`expand_block`): one block product ``W = H Q_j``, BCGS2 against the
+  whole basis (full reorthogonalization, every projection and Gram in float64 through
+  :func:`imc_kernels.ops.tsmm_xty`), Cholesky QR of the remainder with a rank check;
+* the projected matrix ``T`` dense in float64, filled with the *measured* projections
+  ``V^T H Q_j`` and the couplings ``B_j`` and symmetrized, so it stays right after restarts
+  and rank repairs; ``eigh`` in float64 once per restart cycle;
+* convergence on the Ritz residual bound ``||B_last S_last,i|| <= tol * ||H||_est`` with
+  ``||H||_est`` the largest ``|theta|`` seen; converged pairs locked in order;
+* thick restart keeping the wanted Ritz vectors plus extras (about half the basis), the kept
+  vectors re-orthonormalized when their Gram drifts past 2 eps;
+* when everything wanted has converged but a cluster of ``>= b`` equal values sits inside the
+  wanted list, one more cycle from a random block looks for copies of a multiple eigenvalue
+  that a ``b``-wide Krylov space cannot contain (see ``_needs_verification``);
+* the true residuals ``||H v - lambda v|| / ||H||_est`` measured once at the end.
+
+Host synchronization: none inside the block steps. The rank check and the finite check of
+each step are device flags read once per restart cycle, with the convergence decision. A
+rank-deficient step (the Krylov space hit an invariant subspace) is rare; when a cycle's flags
+show one, the blocks expanded after it are discarded, the step is repaired (rank-revealing
+SVQB through an fp64 SVD, random replacement of the lost directions) and the solver checks
+every later step immediately (one sync per block), since rank loss tends to recur.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from imc_kernels.linalg.orthogonalize import (
+    block_cgs2,
+    block_orthonormalize,
+    cholqr2,
+    default_rank_tol,
+    random_orthonormal_block,
+    svqb,
+    xty,
+)
+
+WHICH = ("LA", "LM", "SA")
+
+# Restart cycles the default budget allows (notes 3.5: max_restarts ~ 50).
+DEFAULT_MAX_RESTARTS = 50
+# Largest default block: >= the largest expected outlier cluster (about one per class for
+# softmax cross-entropy nets with 10 classes) and a multiple of 8 for GEMM tiles.
+DEFAULT_MAX_BLOCK = 16
+
+
+@dataclass
+class LanczosResult:
+    """Eigenpairs from :func:`block_lanczos`.
+
+    Attributes:
+        eigenvalues: ``(k,)`` float64 Ritz values: descending for ``"LA"``, by descending
+            ``|lambda|`` for ``"LM"``, ascending for ``"SA"``.
+        eigenvectors: ``(dim, k)`` orthonormal columns, the solver dtype and device.
+        residuals: ``(k,)`` float64 true residuals ``||H v - lambda v|| / ||H||_est``,
+            measured with one block product at the end.
+        ritz_bounds: ``(k,)`` float64 Ritz residual bounds, also divided by ``||H||_est``
+            (0 for the direct path, where the subspace is the whole space).
+        converged: ``(k,)`` bool: ``ritz_bound <= tol``.
+        n_matvecs: operator applications, each column of a block product counted once
+            (the final residual product included).
+        restarts: thick restarts performed.
+        h_norm: ``||H||_est``, the largest ``|theta|`` seen.
+        block_size: the block size used.
+        basis_size: the basis size ``m_max`` used (``dim`` on the direct path).
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    residuals: torch.Tensor
+    ritz_bounds: torch.Tensor
+    converged: torch.Tensor
+    n_matvecs: int
+    restarts: int
+    h_norm: float
+    block_size: int
+    basis_size: int
+
+    @property
+    def all_converged(self) -> bool:
+        """True when every returned pair met the tolerance."""
+        return bool(self.converged.all())
+
+
+@dataclass
+class LanczosCycle:
+    """What a ``callback`` sees once per restart cycle (after the Rayleigh-Ritz step).
+
+    Attributes:
+        cycle: 0-based restart cycle.
+        n_matvecs: operator applications so far.
+        restarts: thick restarts so far.
+        basis_columns: columns in the Rayleigh-Ritz subspace ``m``.
+        n_converged: length of the converged prefix among the ``k`` wanted pairs.
+        ritz_values: ``(k,)`` float64 (CPU), in the order of the result.
+        ritz_bounds: ``(k,)`` float64 (CPU), divided by ``h_norm``.
+        h_norm: ``||H||_est``.
+        basis: ``(n, m + b)`` view of the basis including the pending block; orthonormal.
+            Valid during the callback only (the solver overwrites it); a debugging hook.
+    """
+
+    cycle: int
+    n_matvecs: int
+    restarts: int
+    basis_columns: int
+    n_converged: int
+    ritz_values: torch.Tensor
+    ritz_bounds: torch.Tensor
+    h_norm: float
+    basis: torch.Tensor
+
+
+def _symmetry_rtol(dtype: torch.dtype) -> float:
+    """Relative asymmetry above which an operator is rejected.
+
+    An fp32 product (HVP by autograd, an fp32 matrix) is symmetric to ~1e-6 relative; 1e-3
+    leaves three orders of margin. For fp64 the same margin gives 1e-6, which still tolerates
+    an fp64 solve of an operator computed internally in fp32.
+    """
+    return 1e-6 if dtype == torch.float64 else 1e-3
+
+
+def _wanted_order(theta: np.ndarray, which: str) -> np.ndarray:
+    """Indices of ``theta`` in the order the result lists them (stable on ties)."""
+    if which == "LA":
+        return np.argsort(-theta, kind="stable")
+    if which == "SA":
+        return np.argsort(theta, kind="stable")
+    return np.lexsort((-theta, -np.abs(theta)))
+
+
+class _Operator:
+    """Uniform ``(dim, b) -> (dim, b)`` block product over the accepted operator types."""
+
+    def __init__(self, operator: Any, dim: int, dtype, device):
+        self.dim = dim
+        op_dtype, op_device = None, None
+        if isinstance(operator, torch.Tensor):
+            if operator.dim() != 2 or tuple(operator.shape) != (dim, dim):
+                raise ValueError(
+                    f"a matrix operator must be {dim} x {dim}, got shape {tuple(operator.shape)}"
+                )
+            op_dtype, op_device = operator.dtype, operator.device
+            if operator.layout == torch.sparse_coo:
+                self._apply = lambda block: torch.sparse.mm(operator, block)
+            else:
+                self._apply = lambda block: operator @ block
+        elif hasattr(operator, "matmat"):
+            self._apply = operator.matmat
+            op_dtype = getattr(operator, "dtype", None)
+            op_device = getattr(operator, "device", None)
+        elif callable(operator):
+            self._apply = operator
+        elif hasattr(operator, "__matmul__"):
+            self._apply = lambda block: operator @ block
+        else:
+            raise TypeError(
+                "matmat must be a callable on (dim, b) blocks, a dense or sparse tensor, or an "
+                f"object with .matmat or @; got {type(operator).__name__}"
+            )
+        if dtype is None:
+            dtype = op_dtype if op_dtype in (torch.float32, torch.float64) else torch.float32
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.dtype = dtype
+        self.device = torch.device(device if device is not None else (op_device or "cpu"))
+        # A matrix in another dtype is applied in its own dtype (an fp64 matrix stays exact).
+        self._input_dtype = op_dtype if isinstance(operator, torch.Tensor) else None
+
+    def __call__(self, block: torch.Tensor) -> torch.Tensor:
+        x = block if self._input_dtype is None else block.to(self._input_dtype)
+        product = self._apply(x)
+        if not isinstance(product, torch.Tensor):
+            raise TypeError(f"the operator returned {type(product).__name__}, not a tensor")
+        if product.layout != torch.strided:
+            product = product.to_dense()
+        if tuple(product.shape) != tuple(block.shape):
+            raise ValueError(
+                f"the operator mapped a block of shape {tuple(block.shape)} to "
+                f"{tuple(product.shape)}; it must return a block of the same shape"
+            )
+        if product.dtype != self.dtype or product.device != self.device:
+            product = product.to(dtype=self.dtype, device=self.device)
+        return product
+
+
+def expand_block(
+    basis: torch.Tensor,
+    projected: torch.Tensor,
+    start: int,
+    product: torch.Tensor,
+    *,
+    n_locked: int = 0,
+    tau: float | None = None,
+    work: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One block Lanczos step, written into preallocated storage; no host synchronization.
+
+    With ``b = product.shape[1]``, ``Q_j = basis[:, start:start+b]`` and
+    ``product = H @ Q_j``: orthonormalizes ``product`` against ``basis[:, :start+b]`` and
+    itself (:func:`~imc_kernels.linalg.orthogonalize.block_orthonormalize`: two passes of
+    projection + Cholesky QR with fp64 Grams, the interleaved form of CGS2 + CholQR2) so that
+    ``H Q_j = V C + Q_{j+1} B_j``, and writes
+
+    * ``Q_{j+1}`` to ``basis[:, start+b : start+2b]``,
+    * ``C`` to ``projected[:start+b, start:start+b]`` (rows below ``n_locked`` zeroed: locked
+      pairs are deflated, their couplings are residual-sized),
+    * ``B_j`` to ``projected[start+b : start+2b, start:start+b]``.
+
+    If the step is rank deficient, the raw residual ``W1 = H Q_j - V C1`` is stored in the
+    ``Q_{j+1}`` slot instead, ``C1`` in ``T`` and zeros for ``B_j``, for the caller's repair.
+    This is the unit a fused C++/CUDA op can replace.
+
+    Args:
+        basis: ``(n, >= start + 2b)`` basis storage.
+        projected: float64 ``T`` storage, at least ``(start + 2b, start + b)``.
+        start: first column of ``Q_j``.
+        product: ``(n, b)`` ``H @ Q_j``; overwritten.
+        n_locked: leading basis columns that are locked.
+        tau: rank tolerance (default :func:`default_rank_tol`).
+        work: optional ``(n, b)`` scratch.
+
+    Returns:
+        ``(2,)`` bool device tensor ``[non_finite, deficient]``.
+    """
+    b = product.shape[1]
+    end = start + b
+    tau = default_rank_tol(basis.dtype) if tau is None else tau
+    slot = basis[:, end : end + b]
+    coeffs, q, coupling, coeffs1, info = block_orthonormalize(
+        basis[:, :end], product, tau=tau, work=work
+    )
+    # A NaN/inf anywhere in the product reaches the first projection or the reference norms
+    # (sums of squares over every entry), so these small tensors are enough.
+    non_finite = ~(torch.isfinite(coeffs1).all() & torch.isfinite(info.reference).all())
+    deficient = info.deficient & ~non_finite
+    # Selecting on device keeps the step free of host syncs; on a deficient step the slot gets
+    # the raw residual (still in `product`) so the repair needs no second product.
+    torch.where(deficient, product, q, out=slot)
+    coeffs = torch.where(deficient, coeffs1, coeffs)
+    if n_locked:
+        coeffs[:n_locked] = 0.0
+    projected[:end, start:end] = coeffs
+    projected[end : end + b, start:end] = torch.where(
+        deficient, torch.zeros_like(coupling), coupling
+    )
+    return torch.stack((non_finite, deficient))
+
+
+class _BlockKrylovSchur:
+    """State of one solve: the basis, ``T``, locking and counters."""
+
+    def __init__(self, op: _Operator, k, which, tol, b, m_max, budget, generator, progress, cb):
+        self.op, self.k, self.which, self.tol = op, k, which, tol
+        self.b, self.m_max, self.budget = b, m_max, budget
+        self.generator, self.callback = generator, cb
+        n, dtype, device = op.dim, op.dtype, op.device
+        self.tau = default_rank_tol(dtype)
+        self.basis = torch.empty(n, m_max + b, dtype=dtype, device=device)
+        self.projected = torch.zeros(m_max + b, m_max + b, dtype=torch.float64, device=device)
+        self.flags = torch.zeros(m_max // b + 1, 2, dtype=torch.bool, device=device)
+        self.block_in = torch.empty(n, b, dtype=dtype, device=device)
+        self.work = torch.empty(n, b, dtype=dtype, device=device)
+        self.filled = 0  # columns in the Rayleigh-Ritz subspace; pending block follows
+        self.n_locked = 0
+        self.locked_theta = np.zeros(0)
+        self.locked_bound = np.zeros(0)
+        self.n_matvecs = 0
+        self.restarts = 0
+        self.cycle = 0
+        self.block_in_cycle = 0
+        self.h_norm = 0.0
+        self.checked = False  # after a rank repair: read each step's flags at once
+        self.symmetry_checked = False
+        self.verified_values: np.ndarray | None = None  # wanted values at the last search
+        self.pbar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.pbar = tqdm(total=budget, unit="matvec", desc="block Lanczos")
+
+    # ---- products and steps -------------------------------------------------------------
+
+    def _product(self, block: torch.Tensor) -> torch.Tensor:
+        self.block_in.copy_(block)
+        product = self.op(self.block_in)
+        self.n_matvecs += block.shape[1]
+        if self.pbar is not None:
+            self.pbar.update(block.shape[1])
+        return product
+
+    def _check_first_block(self, block: torch.Tensor, product: torch.Tensor) -> None:
+        """``u^T (H v)`` against ``v^T (H u)`` over the first block (one sync, once)."""
+        self.symmetry_checked = True
+        if block.shape[1] < 2:
+            return  # b = 1: checked on T after the first cycle
+        inner = xty(block, product)
+        scale = torch.linalg.vector_norm(product, dim=0).max().to(torch.float64)
+        asym = (inner - inner.T).abs()
+        worst = int(asym.argmax())
+        i, j = divmod(worst, inner.shape[1])
+        if bool(asym[i, j] > _symmetry_rtol(self.op.dtype) * scale):
+            raise ValueError(
+                "the operator is not symmetric: for two columns u, v of the first block "
+                f"u^T(Hv) = {float(inner[i, j]):.6g} but v^T(Hu) = {float(inner[j, i]):.6g} "
+                f"(scale ||Hu|| = {float(scale):.3g}); block Lanczos needs a symmetric operator"
+            )
+
+    def _raise_non_finite(self, index: int, start: int) -> None:
+        raise FloatingPointError(
+            f"block Lanczos: the operator returned a non-finite value (NaN or inf) in restart "
+            f"cycle {self.cycle}, block {index} (basis columns {start}:{start + self.b}, "
+            f"after {self.n_matvecs} matvecs)"
+        )
+
+    def _repair(self, start: int) -> bool:
+        """Finish a deficient step: drop lost directions, replace them by random ones.
+
+        Returns True when the whole block was lost (an invariant subspace was found).
+        """
+        b, tau = self.b, self.tau
+        end = start + b
+        basis, projected = self.basis[:, :end], self.projected
+        residual = self.basis[:, end : end + b].clone()
+        coeffs = projected[:end, start:end].clone()
+        # Pre-projection column norms ||H q_i|| (the locked rows were zeroed; they are
+        # residual-sized, so the reference hardly changes).
+        reference = (coeffs.square().sum(0) + xty(residual, residual).diagonal()).sqrt()
+        # The residual may be mostly rounding noise; project it again before judging it.
+        extra, residual = block_cgs2(basis, residual)
+        noise = torch.linalg.vector_norm(residual, dim=0).to(torch.float64) <= tau * reference
+        residual[:, noise] = 0.0
+        # The SVD variant: the Gram-based SVQB cannot resolve below sqrt(eps_64) (see svqb),
+        # and in float64 a direction dropped there would be a coupling lost at 1e-8.
+        kept, coupling = svqb(residual, tau, method="svd")
+        rank = kept.shape[1]
+        new_coupling = torch.zeros(b, b, dtype=torch.float64, device=residual.device)
+        if rank:
+            # Kept directions may be small remainders; one more BCGS2 pass makes them
+            # orthogonal to the basis to working precision.
+            more, q, r, _, info = block_orthonormalize(basis, kept)
+            if bool(info.deficient):  # pragma: no cover - kept directions are well above noise
+                rank = 0
+            else:
+                extra += more @ coupling
+                new_coupling[:rank] = r @ coupling
+                self.basis[:, end : end + rank] = q
+        if rank < b:
+            self.basis[:, end + rank : end + b] = random_orthonormal_block(
+                self.basis[:, : end + rank], b - rank, self.generator
+            )
+        if self.n_locked:
+            extra[: self.n_locked] = 0.0
+        projected[:end, start:end] += extra
+        projected[end : end + b, start:end] = new_coupling
+        return rank == 0
+
+    def _discard_after(self, filled: int) -> None:
+        """Forget the blocks expanded past ``filled`` (rolled back)."""
+        b = self.b
+        self.projected[:, filled:] = 0.0
+        self.projected[filled + b :, :] = 0.0
+
+    def _fill(self) -> None:
+        """Expand block after block until the basis is full, or the budget or space ends."""
+        b = self.b
+        expand_budget = self.budget - self.k  # the final residual product is reserved
+        while True:
+            starts: list[int] = []
+            exhausted = False
+            while self.filled + b <= self.m_max and self.n_matvecs + b <= expand_budget:
+                start = self.filled
+                block = self.basis[:, start : start + b]
+                product = self._product(block)
+                if not self.symmetry_checked:
+                    self._check_first_block(block, product)
+                flags = expand_block(
+                    self.basis,
+                    self.projected,
+                    start,
+                    product,
+                    n_locked=self.n_locked,
+                    tau=self.tau,
+                    work=self.work,
+                )
+                self.filled += b
+                index = self.block_in_cycle
+                self.block_in_cycle += 1
+                if self.checked:
+                    non_finite, deficient = flags.tolist()
+                    if non_finite:
+                        self._raise_non_finite(index, start)
+                    if deficient and self._repair(start):
+                        exhausted = True
+                        break
+                else:
+                    self.flags[len(starts)] = flags
+                    starts.append(start)
+            if not starts or exhausted:
+                return
+            host_flags = self.flags[: len(starts)].cpu().tolist()
+            first_index = self.block_in_cycle - len(starts)
+            for offset, (start, (non_finite, deficient)) in enumerate(
+                zip(starts, host_flags, strict=True)
+            ):
+                if non_finite:
+                    self._raise_non_finite(first_index + offset, start)
+                if deficient:
+                    # Roll back the blocks expanded after the deficient step, repair it and
+                    # from now on check each step at once.
+                    self.filled = start + b
+                    self.block_in_cycle = first_index + offset + 1
+                    self._discard_after(self.filled)
+                    self.checked = True
+                    if self._repair(start):
+                        return
+                    break
+            else:
+                return
+
+    # ---- Rayleigh-Ritz, convergence, restart ---------------------------------------------
+
+    def _rayleigh_ritz(self):
+        """``eigh`` of ``T`` on the host in float64; returns the quantities of the cycle."""
+        m, b, locked = self.filled, self.b, self.n_locked
+        t_full = self.projected[: m + b, :m].cpu()
+        t = t_full[:m, :m]
+        if self.cycle == 0:
+            self._check_projected_symmetry(t)
+        t = 0.5 * (t + t.T)
+        theta_active, s_active = torch.linalg.eigh(t[locked:, locked:])
+        coupling = t_full[m:, m - b :]  # B_last
+        bounds_active = torch.linalg.vector_norm(coupling @ s_active[-b:, :], dim=0)
+        theta = np.concatenate([self.locked_theta, theta_active.numpy()])
+        bounds = np.concatenate([self.locked_bound, bounds_active.numpy()])
+        self.h_norm = max(self.h_norm, float(np.abs(theta).max(initial=0.0)))
+        order = _wanted_order(theta, self.which)
+        threshold = self.tol * self.h_norm
+        good = bounds[order[: self.k]] <= threshold
+        n_converged = int(np.argmin(good)) if not good.all() else self.k
+        return theta, s_active, bounds, coupling, order, n_converged
+
+    def _check_projected_symmetry(self, t: torch.Tensor) -> None:
+        """On the first cycle, ``T``'s measured upper and lower parts must agree (b = 1 too)."""
+        scale = float(t.abs().max()) if t.numel() else 0.0
+        asym = float((t - t.T).abs().max()) if t.numel() else 0.0
+        if scale > 0 and asym > _symmetry_rtol(self.op.dtype) * scale:
+            raise ValueError(
+                "the operator is not symmetric: the projected matrix V^T H V differs from its "
+                f"transpose by {asym:.3g} (scale {scale:.3g}); block Lanczos needs a symmetric "
+                "operator"
+            )
+
+    def _ritz_vectors(self, s_active: torch.Tensor, columns: np.ndarray) -> torch.Tensor:
+        """``V[:, :m] S[:, columns]`` with ``S = blockdiag(I_locked, S_active)``."""
+        m, locked = self.filled, self.n_locked
+        full = torch.zeros(m, len(columns), dtype=torch.float64)
+        for out_col, col in enumerate(columns):
+            if col < locked:
+                full[col, out_col] = 1.0
+            else:
+                full[locked:, out_col] = s_active[:, col - locked]
+        return full
+
+    def _restart(
+        self, theta, s_active, bounds, coupling, order, n_converged, *, verify: bool = False
+    ) -> None:
+        """Thick restart: keep the wanted Ritz vectors plus extras, lock the converged prefix.
+
+        With ``verify`` (every wanted pair converged) only the ``k`` wanted vectors are kept,
+        all locked, and the pending block is replaced by random directions orthogonal to them:
+        the next cycle searches the rest of the space for missed copies of a multiple
+        eigenvalue (see :meth:`_needs_verification`).
+        """
+        m, b, k = self.filled, self.b, self.k
+        n_keep = k if verify else min(max(k, self.m_max // 2), m, self.m_max - b)
+        keep = order[:n_keep]
+        lock = set(order[:n_converged].tolist()) | set(range(self.n_locked))
+        keep_locked = [c for c in keep if c in lock]
+        keep_free = [c for c in keep if c not in lock]
+        columns = np.array(keep_locked + keep_free, dtype=np.int64)
+        n_lock = len(keep_locked)
+        s_keep = self._ritz_vectors(s_active, columns)
+        device, dtype = self.basis.device, self.basis.dtype
+        ritz = self.basis[:, :m] @ s_keep.to(device=device, dtype=dtype)
+        # T of the new basis: diag(theta_kept), coupled to the pending block by B_last S_last.
+        kept_t = torch.diag(torch.from_numpy(theta[columns]))
+        arrow = coupling @ s_keep[m - b :, :]
+        # Y = V S in the working dtype adds ~u sqrt(m) to Y^T Y - I at each restart, and the
+        # error is carried into the next Y: measured up to 1e-6 after a few hundred fp32
+        # restarts. When Y^T Y - I exceeds 2 eps, one Cholesky QR pass (fp64 Gram) restores
+        # it. T follows the Krylov relation H Y = Y T + Q A, the identity the expansion keeps:
+        # Y' = Y R^{-1} gives H Y' = Y' (R T R^{-1}) + Q (A R^{-1}), whose diagonal is still
+        # theta (R is triangular). (R^{-T} T R^{-1}, the projection view, would rescale each
+        # theta by 1/||y||^2 and drift the locked values by ~1e-7 per restart in fp32.)
+        gram = xty(ritz, ritz).cpu()
+        eye = torch.eye(n_keep, dtype=torch.float64)
+        if float((gram - eye).abs().max()) > 2 * torch.finfo(dtype).eps:
+            factor, info = torch.linalg.cholesky_ex(gram, upper=True)
+            if int(info) == 0:
+                factor_inv = torch.linalg.solve_triangular(factor, eye, upper=True)
+                ritz = ritz @ factor_inv.to(device=device, dtype=dtype)
+                kept_t = factor @ kept_t @ factor_inv
+                kept_t = 0.5 * (kept_t + kept_t.T)
+                arrow = arrow @ factor_inv
+        pending = self.basis[:, m : m + b].clone()
+        self.basis[:, :n_keep] = ritz
+        if verify:
+            pending = random_orthonormal_block(self.basis[:, :n_keep], b, self.generator)
+        self.basis[:, n_keep : n_keep + b] = pending
+        # Deflate the locked pairs: their couplings are residual-sized (or, from the change of
+        # basis above, O(eps ||H||)); the locked block stays diagonal.
+        locked_theta = kept_t.diagonal()[:n_lock].clone()
+        kept_t[:n_lock, :] = 0.0
+        kept_t[:, :n_lock] = 0.0
+        kept_t[range(n_lock), range(n_lock)] = locked_theta
+        arrow[:, :n_lock] = 0.0
+        if verify:
+            arrow.zero_()  # a random block is not a Krylov residual: no coupling
+        new_t = torch.zeros(n_keep + b, n_keep, dtype=torch.float64)
+        new_t[:n_keep, :n_keep] = kept_t
+        new_t[n_keep:, :] = arrow
+        self.projected.zero_()
+        self.projected[: n_keep + b, :n_keep] = new_t.to(device)
+        self.projected[:n_keep, n_keep : n_keep + b] = arrow.T.to(device)
+        self.locked_theta = locked_theta.numpy()
+        self.locked_bound = bounds[columns[:n_lock]].copy()
+        self.n_locked = n_lock
+        self.filled = n_keep
+        self.restarts += 1
+
+    def run(self) -> LanczosResult:
+        op, b, k = self.op, self.b, self.k
+        start = torch.randn(op.dim, b, generator=self.generator, dtype=op.dtype)
+        q, _, info = cholqr2(start.to(op.device))
+        if bool(info.deficient):  # pragma: no cover - a Gaussian block is full rank
+            raise RuntimeError("block Lanczos: the random start block is rank deficient")
+        self.basis[:, :b] = q
+        try:
+            while True:
+                self.block_in_cycle = 0
+                self._fill()
+                theta, s_active, bounds, coupling, order, n_converged = self._rayleigh_ritz()
+                stop = False
+                if self.callback is not None:
+                    stop = bool(self.callback(self._cycle_info(theta, bounds, order, n_converged)))
+                if self.pbar is not None:
+                    self.pbar.set_postfix(converged=f"{n_converged}/{k}", restarts=self.restarts)
+                out_of_budget = self.n_matvecs + b > self.budget - k
+                verify = False
+                if n_converged >= k and not (stop or out_of_budget):
+                    verify = self._needs_verification(theta, order)
+                if (n_converged >= k and not verify) or stop or out_of_budget:
+                    return self._finish(theta, s_active, bounds, order)
+                if verify:
+                    # Everything wanted is locked: lock it all, search with a random block.
+                    n_converged = k
+                    self.verified_values = theta[order[:k]].copy()
+                self._restart(theta, s_active, bounds, coupling, order, n_converged, verify=verify)
+                self.cycle += 1
+        finally:
+            if self.pbar is not None:
+                self.pbar.close()
+
+    def _needs_verification(self, theta: np.ndarray, order: np.ndarray) -> bool:
+        """Could a multiple eigenvalue hide copies the block Krylov space cannot see?
+
+        From a random start, a block Krylov space with ``b`` columns holds, in exact
+        arithmetic, at most ``b`` copies of an eigenvalue (its start block's projection on the
+        eigenspace has rank ``min(b, multiplicity)``), and the residuals of the copies it
+        found cannot reveal the others. So when a converged cluster of ``>= b`` equal Ritz
+        values sits *inside* the wanted list (a missed copy would push a wanted value out),
+        one more cycle runs from a random block orthogonal to the locked vectors. It stops
+        when such a cycle leaves the wanted values unchanged. Values count as equal within
+        ``max(10 tol, 1e4 eps) * ||H||_est``: copies converge together to that level, and
+        distinct values that close are as hard for a Krylov method as true copies.
+        """
+        k, b = self.k, self.b
+        wanted = theta[order[:k]]
+        eps = torch.finfo(self.op.dtype).eps
+        delta = max(10.0 * self.tol, 1e4 * eps) * self.h_norm
+        previous = self.verified_values
+        if previous is not None and np.all(np.abs(wanted - previous) <= delta):
+            return False  # the last search found nothing new
+        for i in range(k - 1):
+            members = np.flatnonzero(np.abs(wanted - wanted[i]) <= delta)
+            if len(members) >= b and members.max() < k - 1:
+                return True
+        return False
+
+    def _cycle_info(self, theta, bounds, order, n_converged) -> LanczosCycle:
+        wanted = order[: self.k]
+        scale = self.h_norm if self.h_norm > 0 else 1.0
+        return LanczosCycle(
+            cycle=self.cycle,
+            n_matvecs=self.n_matvecs,
+            restarts=self.restarts,
+            basis_columns=self.filled,
+            n_converged=n_converged,
+            ritz_values=torch.from_numpy(theta[wanted].copy()),
+            ritz_bounds=torch.from_numpy(bounds[wanted] / scale),
+            h_norm=self.h_norm,
+            basis=self.basis[:, : self.filled + self.b],
+        )
+
+    def _finish(self, theta, s_active, bounds, order) -> LanczosResult:
+        op, k = self.op, self.k
+        wanted = order[:k]
+        s = self._ritz_vectors(s_active, wanted)
+        vectors = self.basis[:, : self.filled] @ s.to(device=op.device, dtype=op.dtype)
+        values = torch.from_numpy(theta[wanted].copy())
+        residuals = _true_residuals(op, vectors, values, self)
+        scale = self.h_norm if self.h_norm > 0 else 1.0
+        device = op.device
+        return LanczosResult(
+            eigenvalues=values.to(device),
+            eigenvectors=vectors,
+            residuals=(residuals / scale).to(device),
+            ritz_bounds=torch.from_numpy(bounds[wanted] / scale).to(device),
+            converged=torch.from_numpy(bounds[wanted] <= self.tol * self.h_norm).to(device),
+            n_matvecs=self.n_matvecs,
+            restarts=self.restarts,
+            h_norm=self.h_norm,
+            block_size=self.b,
+            basis_size=self.m_max,
+        )
+
+
+def _true_residuals(op: _Operator, vectors, values, state) -> torch.Tensor:
+    """``||H v_i - lambda_i v_i||`` (float64, CPU) from one block product of all ``k`` vectors."""
+    product = op(vectors.contiguous())
+    if product.data_ptr() == vectors.data_ptr():
+        product = product.clone()  # an operator that returns its input (the identity)
+    state.n_matvecs += vectors.shape[1]
+    if state.pbar is not None:
+        state.pbar.update(vectors.shape[1])
+    if not bool(torch.isfinite(product).all()):
+        raise FloatingPointError(
+            "block Lanczos: the operator returned a non-finite value in the final residual "
+            f"product (after {state.n_matvecs} matvecs)"
+        )
+    # In the working dtype: rounding adds ~u * ||H|| to each residual, the operator's own floor.
+    product -= vectors * values.to(device=vectors.device, dtype=vectors.dtype)
+    return torch.linalg.vector_norm(product, dim=0, dtype=torch.float64).cpu()
+
+
+def _direct_solve(op: _Operator, k, which, b, budget, pbar_enabled) -> LanczosResult:
+    """``dim <= basis``: form ``H`` from ``dim`` products of identity blocks and ``eigh`` it.
+
+    A Krylov basis would have to fill the whole space anyway; this is exact and just as cheap.
+    """
+    n, dtype, device = op.dim, op.dtype, op.device
+    if budget is not None and budget < n:
+        raise ValueError(
+            f"dim = {n} is not larger than the Krylov basis, so the solver forms the operator "
+            f"with {n} matvecs, more than max_matvecs = {budget}; raise max_matvecs or pass a "
+            "smaller basis_size"
+        )
+    dense = torch.empty(n, n, dtype=torch.float64)
+    pbar = None
+    if pbar_enabled:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=n, unit="matvec", desc="block Lanczos (direct)")
+    try:
+        for index, start in enumerate(range(0, n, b)):
+            cols = min(b, n - start)
+            unit = torch.zeros(n, cols, dtype=dtype, device=device)
+            unit[start : start + cols].fill_diagonal_(1.0)
+            product = op(unit)
+            if not bool(torch.isfinite(product).all()):
+                raise FloatingPointError(
+                    "block Lanczos: the operator returned a non-finite value while forming it "
+                    f"directly (dim {n} <= basis), block {index} (columns {start}:{start + cols})"
+                )
+            dense[:, start : start + cols] = product.to(torch.float64).cpu()
+            if pbar is not None:
+                pbar.update(cols)
+    finally:
+        if pbar is not None:
+            pbar.close()
+    scale = float(dense.abs().max())
+    asym = float((dense - dense.T).abs().max())
+    if scale > 0 and asym > _symmetry_rtol(dtype) * scale:
+        raise ValueError(
+            f"the operator is not symmetric: H differs from H^T by {asym:.3g} (scale "
+            f"{scale:.3g}); block Lanczos needs a symmetric operator"
+        )
+    theta, s = torch.linalg.eigh(0.5 * (dense + dense.T))
+    order = _wanted_order(theta.numpy(), which)[:k]
+    h_norm = float(theta.abs().max())
+    values = theta[order]
+    vectors = s[:, order].to(dtype)
+    # Residuals of the returned (possibly fp32) vectors against the measured operator.
+    vectors64 = vectors.to(torch.float64)
+    residuals = torch.linalg.vector_norm(dense @ vectors64 - vectors64 * values, dim=0)
+    norm = h_norm if h_norm > 0 else 1.0
+    return LanczosResult(
+        eigenvalues=values.to(device),
+        eigenvectors=vectors.to(device),
+        residuals=(residuals / norm).to(device),
+        ritz_bounds=torch.zeros(k, dtype=torch.float64, device=device),
+        converged=torch.ones(k, dtype=torch.bool, device=device),
+        n_matvecs=n,
+        restarts=0,
+        h_norm=h_norm,
+        block_size=b,
+        basis_size=n,
+    )
+
+
+def default_block_size(k: int) -> int:
+    """``min(k, 16)``, at least 1: the block should cover the largest wanted cluster."""
+    return max(1, min(k, DEFAULT_MAX_BLOCK))
+
+
+def default_basis_size(k: int, block_size: int) -> int:
+    """``max(4k, k + 4b)`` rounded up to a multiple of ``b`` (notes 3.5)."""
+    m = max(4 * k, k + 4 * block_size)
+    return int(math.ceil(m / block_size) * block_size)
+
+
+def block_lanczos(
+    matmat: Callable[[torch.Tensor], torch.Tensor] | torch.Tensor | Any,
+    dim: int,
+    k: int,
+    *,
+    which: str = "LA",
+    tol: float = 1e-4,
+    block_size: int | None = None,
+    max_matvecs: int | None = None,
+    basis_size: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    callback: Callable[[LanczosCycle], bool | None] | None = None,
+) -> LanczosResult:
+    """``k`` extreme eigenpairs of a symmetric operator by thick-restart block Lanczos.
+
+    Args:
+        matmat: the operator ``H``: a callable mapping a ``(dim, b)`` block to ``H @ block``,
+            a dense ``(dim, dim)`` tensor, a sparse COO/CSR tensor, or an object with
+            ``.matmat`` or ``@``. It must be symmetric; the solver may overwrite the blocks it
+            returns.
+        dim: the operator's dimension ``n``.
+        k: eigenpairs wanted, ``0 < k < dim``.
+        which: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest
+            magnitude.
+        tol: a pair converges when its Ritz residual bound is at most ``tol * ||H||_est``
+            (``||H||_est``: the largest ``|theta|`` seen). ``1e-4`` suits float32 operators;
+            below ~1e-6 a float32 run may stall at rounding level (use float64).
+        block_size: ``b``; default ``min(k, 16)`` but at least 1. Pick at least the size of
+            the largest cluster among the wanted eigenvalues.
+        max_matvecs: cap on operator applications, every column of a block product counted
+            (the ``k`` of the final residual product included). Default: enough for the first
+            cycle and 50 restarts. Pairs not converged when it is reached come back with
+            ``converged`` False.
+        basis_size: ``m_max``; default ``max(4k, k + 4b)`` rounded up to a multiple of ``b``.
+            When ``dim <= m_max + b`` the operator is formed from ``dim`` products and solved
+            directly (exact; a Krylov basis would fill the space anyway).
+        seed: seed of the start block and of any random replacement directions (drawn on the
+            CPU, then moved, so a run is bitwise reproducible on a given device).
+        dtype: dtype of the basis and the products, float32 or float64. Default: the
+            matrix's dtype for a tensor operator, ``operator.dtype`` if it has one, else
+            float32. ``T``, the projections and the Grams are float64 regardless.
+        device: device of the basis; default the operator's device (tensor or ``.device``),
+            else CPU.
+        progress: show a tqdm bar over matvecs.
+        callback: called once per restart cycle with a :class:`LanczosCycle`; returning True
+            stops the solve (the current Ritz pairs are returned).
+
+    Returns:
+        A :class:`LanczosResult`.
+
+    Raises:
+        ValueError: ``k <= 0``, ``k >= dim``, an unknown ``which``, ``tol`` not in (0, 1),
+            a bad ``block_size``/``basis_size``/``max_matvecs``, or a non-symmetric operator.
+        TypeError: an unsupported operator or dtype.
+        FloatingPointError: the operator produced NaN or inf (the message names the restart
+            cycle and the block).
+
+    Example:
+        >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
+        >>> res = block_lanczos(A, 100, 3, tol=1e-10)
+        >>> [round(v, 8) for v in res.eigenvalues.tolist()]
+        [100.0, 99.0, 98.0]
+    """
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
+        raise ValueError(f"dim must be an integer >= 2, got {dim!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0 or k >= dim:
+        raise ValueError(f"k must be an integer with 0 < k < dim = {dim}, got {k!r}")
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
+    if not isinstance(tol, (int, float)) or not math.isfinite(tol) or not 0 < tol < 1:
+        raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
+    if block_size is None:
+        block_size = default_block_size(k)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    b = block_size
+    if basis_size is None:
+        m_max = default_basis_size(k, b)
+    else:
+        if isinstance(basis_size, bool) or not isinstance(basis_size, int):
+            raise ValueError(f"basis_size must be an integer, got {basis_size!r}")
+        m_max = int(math.ceil(basis_size / b) * b)
+        if m_max < k + b:
+            raise ValueError(
+                f"basis_size must hold the k = {k} wanted vectors plus one block of {b}; "
+                f"got {basis_size}"
+            )
+    if max_matvecs is not None and (
+        isinstance(max_matvecs, bool) or not isinstance(max_matvecs, int) or max_matvecs < 1
+    ):
+        raise ValueError(f"max_matvecs must be a positive integer, got {max_matvecs!r}")
+    op = _Operator(matmat, dim, dtype, device)
+    generator = torch.Generator().manual_seed(seed)
+    if dim <= m_max + b:
+        return _direct_solve(op, k, which, b, max_matvecs, progress)
+    n_keep = max(k, m_max // 2)
+    if max_matvecs is None:
+        budget = m_max + DEFAULT_MAX_RESTARTS * (m_max - n_keep) + k
+    else:
+        budget = max_matvecs
+        if budget < k + b:
+            raise ValueError(
+                f"max_matvecs = {budget} leaves no room for one block of {b} plus the final "
+                f"residual product of the k = {k} vectors; give at least {k + b}"
+            )
+    solver = _BlockKrylovSchur(op, k, which, tol, b, m_max, budget, generator, progress, callback)
+    return solver.run()

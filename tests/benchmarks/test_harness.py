@@ -1,0 +1,421 @@
+"""Fast tests of the benchmark harness, models and HVP baselines (CPU, a few seconds).
+
+The baselines are checked against a dense fp64 Hessian from ``torch.func.hessian`` on tiny
+models: the benchmark's correctness oracle (``jvp_grad``) and its GGN reference must be
+right before they can judge anything else.
+"""
+
+import csv
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # `benchmarks` is a folder of scripts, not installed
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import _harness as harness  # noqa: E402
+from benchmarks import hvp, models  # noqa: E402
+
+# torch.func registers its jvp decompositions with torch.jit.script, deprecated in torch 2.13
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
+
+# --------------------------------------------------------------------------------------
+# measure
+
+
+def test_measure_noop_percentiles_are_ordered():
+    m = harness.measure(lambda: None, warmup=1, min_repeats=7)
+    assert m.n == 7 and len(m.times) == 7
+    assert 0 <= min(m.times) <= m.p20 <= m.median <= m.p80 <= max(m.times)
+    assert m.median < 0.01  # a no-op: anything near 10 ms means the clock is wrong
+
+
+def test_measure_sleep_and_min_time():
+    m = harness.measure(lambda: time.sleep(0.002), warmup=0, min_repeats=2, min_time_s=0.02)
+    assert m.median >= 0.002  # sleep never returns early
+    assert sum(m.times) >= 0.02 and m.n >= 2
+
+
+def test_measure_setup_is_fresh_and_not_timed():
+    calls = []
+    counter = iter(range(1000))
+
+    def setup():
+        time.sleep(0.02)
+        return (next(counter),)
+
+    m = harness.measure(calls.append, warmup=2, min_repeats=4, setup=setup)
+    assert calls == list(range(6))  # warm-up calls get fresh inputs too
+    assert m.n == 4
+    assert m.median < 0.01  # the 20 ms of setup is outside the clock
+
+
+def test_measure_caps_repeats_and_checks_arguments():
+    m = harness.measure(lambda: None, warmup=0, min_repeats=1, min_time_s=100.0, max_repeats=3)
+    assert m.n == 3
+    with pytest.raises(ValueError, match="min_repeats"):
+        harness.measure(lambda: None, min_repeats=0)
+
+
+def test_measurement_percentiles_interpolate_like_numpy():
+    m = harness.Measurement.of([5.0, 1.0, 4.0, 2.0, 3.0])
+    # numpy.percentile([1..5], [20, 50, 80]) = 1.8, 3.0, 4.2
+    assert (m.p20, m.median, m.p80) == pytest.approx((1.8, 3.0, 4.2))
+    half = m.per(2)
+    assert (half.p20, half.median, half.p80) == pytest.approx((0.9, 1.5, 2.1))
+    assert m.ms() == "3000 [1800, 4200]"
+
+
+# --------------------------------------------------------------------------------------
+# device names, metadata, CSV, tables
+
+
+def test_device_name_is_filesystem_safe():
+    name = harness.device_name("cpu")
+    assert re.fullmatch(r"cpu-[a-z0-9-]+-\d+c", name), name
+
+
+@pytest.mark.parametrize(
+    ("raw", "short"),
+    [
+        ("Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.00GHz", "Intel Xeon Platinum 8480+"),
+        ("AMD EPYC 7763 64-Core Processor", "AMD EPYC 7763"),
+        ("AMD EPYC", "AMD EPYC"),
+    ],
+)
+def test_cpu_model_is_shortened(raw, short):
+    assert harness._shorten_cpu_model(raw) == short
+
+
+def test_slug_matches_cuda_naming():
+    assert harness._slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_run_metadata_has_the_provenance_columns():
+    meta = harness.run_metadata("cpu", ["benchmarks/hvp.py", "--quick"])
+    for key in ("timestamp", "device", "commit", "torch", "triton", "command", "threads"):
+        assert key in meta
+    assert meta["command"] == "python benchmarks/hvp.py --quick"
+    assert meta["torch"] == torch.__version__
+
+
+def _read_csv(path):
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_append_csv_writes_the_header_once(tmp_path):
+    path = tmp_path / "results" / "dev.csv"
+    harness.append_csv(path, [{"model": "a", "ms": 1.5}, {"model": "b", "ms": 2.0}])
+    harness.append_csv(path, [{"model": "c", "ms": 3.0}])
+    lines = path.read_text().splitlines()
+    assert lines[0] == "model,ms"
+    assert sum(line.startswith("model,") for line in lines) == 1
+    assert [row["model"] for row in _read_csv(path)] == ["a", "b", "c"]
+
+
+def test_append_csv_widens_the_header_keeping_its_order(tmp_path):
+    path = tmp_path / "dev.csv"
+    harness.append_csv(path, [{"model": "a", "ms": 1.0}])
+    harness.append_csv(path, [{"ms": 2.0, "block": 8, "model": "b"}])  # new key, other order
+    rows = _read_csv(path)
+    assert path.read_text().splitlines()[0] == "model,ms,block"
+    assert rows[0] == {"model": "a", "ms": "1.0", "block": ""}
+    assert rows[1] == {"model": "b", "ms": "2.0", "block": "8"}
+    harness.append_csv(path, [])  # nothing to add: file unchanged
+    assert len(_read_csv(path)) == 2
+
+
+def test_markdown_table_formats_and_aligns():
+    rows = [
+        {"model": "mlp", "b": 1, "ms": 2.5, "note": "x"},
+        {"model": "cnn_small", "b": 32, "ms": 0.01234},
+    ]
+    table = harness.markdown_table(rows, ["model", "b", ("ms", "time (ms)"), "note"])
+    assert table.splitlines() == [
+        "| model     |   b | time (ms) | note |",
+        "| --------- | --: | --------: | ---- |",
+        "| mlp       |   1 |      2.50 | x    |",
+        "| cnn_small |  32 |    0.0123 |      |",
+    ]
+
+
+def test_format_cell_significant_digits():
+    assert [harness.format_cell(v) for v in (1234.5, 12.345, 0.0012345, 1e-9, None, 3)] == [
+        "1234",
+        "12.3",
+        "0.00123",
+        "1.00e-09",
+        "",
+        "3",
+    ]
+
+
+def test_print_table(capsys):
+    harness.print_table([{"a": "x", "b": 1.0}], ["a", "b"], title="T")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "T"
+    assert out[1].split() == ["a", "b"]
+    assert set(out[2].replace(" ", "")) == {"-"}
+    assert out[3].split() == ["x", "1.00"]
+
+
+# --------------------------------------------------------------------------------------
+# check_close
+
+
+def test_check_close_passes_and_reports_the_error():
+    expected = torch.ones(10, 2, dtype=torch.float64)
+    actual = expected + 1e-6
+    assert harness.check_close(actual, expected, rtol=1e-4, what="x") == pytest.approx(1e-6)
+
+
+def test_check_close_raises_with_a_message():
+    expected = torch.ones(10)
+    with pytest.raises(harness.CorrectnessError, match=r"my method.*relative error 0\.1"):
+        harness.check_close(expected * 1.1, expected, rtol=1e-4, what="my method")
+    with pytest.raises(harness.CorrectnessError, match="non-finite"):
+        harness.check_close(torch.full((10,), float("nan")), expected, rtol=1, what="m")
+    with pytest.raises(harness.CorrectnessError, match="shape"):
+        harness.check_close(torch.ones(9), expected, rtol=1, what="m")
+
+
+def test_check_close_per_column_catches_a_small_wrong_column():
+    expected = torch.cat([torch.full((100, 1), 1e3), torch.ones(100, 1)], dim=1)
+    actual = expected.clone()
+    actual[:, 1] *= 1.01  # 1% off, invisible against the big column's norm
+    harness.check_close(actual, expected, rtol=1e-4, what="whole")
+    with pytest.raises(harness.CorrectnessError):
+        harness.check_close(actual, expected, rtol=1e-4, what="columns", dim=0)
+
+
+def test_parse_helpers():
+    assert harness.parse_list(None, ["a", "b"], "x") == ["a", "b"]
+    assert harness.parse_list("b", ["a", "b"], "x") == ["b"]
+    with pytest.raises(SystemExit, match="unknown x: c"):
+        harness.parse_list("a,c", ["a", "b"], "x")
+    assert harness.parse_ints("1,8,32", "--blocks") == [1, 8, 32]
+    with pytest.raises(SystemExit):
+        harness.parse_ints("0", "--blocks")
+
+
+# --------------------------------------------------------------------------------------
+# models and the cost model
+
+
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [("mlp_lenet", 266_610), ("cnn_small", 20_490), ("mlp_wide", 1_863_690), ("cnn_deep", 871_018)],
+)
+def test_models_have_their_parameter_counts(name, count):
+    model = models.build_model(name, seed=0)
+    assert sum(p.numel() for p in model.parameters()) == count
+    assert isinstance(model, nn.Sequential) and not model.training
+    images, targets = models.make_batch(name, 3, seed=0)
+    assert model(images).shape == (3, models.N_CLASSES)
+
+
+def test_models_are_deterministic_by_seed():
+    a, b, c = (models.build_model("cnn_deep", seed=s) for s in (1, 1, 2))
+    for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(pa, pb)
+    assert not torch.equal(a[0].weight, c[0].weight)
+    bn = a[1]
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))  # calibrated
+
+
+def test_make_batch():
+    images, targets = models.make_batch("mlp_lenet", 64, seed=3)
+    assert images.shape == (64, 1, 28, 28) and images.dtype == torch.float32
+    assert targets.dtype == torch.int64 and 0 <= targets.min() and targets.max() < 10
+    again, _ = models.make_batch("mlp_lenet", 64, seed=3)
+    other, _ = models.make_batch("mlp_lenet", 64, seed=4)
+    assert torch.equal(images, again) and not torch.equal(images, other)
+    with pytest.raises(KeyError):
+        models.make_batch("resnet", 1, seed=0)
+
+
+def test_flops_model_for_linear_layers():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    n = 7
+    first, second = n * 6 * 5, n * 5 * 3
+    assert harness.flops_per_hvp(model, (n, 1, 2, 3)) == 4 * first + 12 * second
+    assert harness.flops_per_hvp(model, (n, 1, 2, 3), "ggn") == 4 * first + 8 * second
+    assert harness.flops_per_gradient(model, (n, 1, 2, 3)) == 4 * first + 6 * second
+
+
+def test_flops_model_for_convolutions():
+    layers = harness.gemm_layers(models.cnn_small(), (5, 1, 28, 28))
+    # rows = batch x output positions, k = C_in * 3 * 3, m = C_out
+    assert [(layer.rows, layer.k, layer.m) for layer in layers] == [
+        (5 * 28 * 28, 9, 16),
+        (5 * 14 * 14, 144, 32),
+        (5, 1568, 10),
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# the baselines against dense fp64 curvature
+
+
+def _tiny_mlp():
+    # Tanh: a non-zero second derivative, so a dropped act'' term would show.
+    return nn.Sequential(nn.Flatten(), nn.Linear(4 * 6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def _tiny_cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.BatchNorm2d(2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 3, 3),
+    )
+
+
+def _tiny_problem(build):
+    torch.manual_seed(0)
+    model = build().double().eval()
+    bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for module in bn:  # non-trivial eval statistics
+        module.running_mean.uniform_(-0.5, 0.5)
+        module.running_var.uniform_(0.5, 2.0)
+    inputs = torch.randn(7, 1, 4, 6, dtype=torch.float64)
+    targets = torch.randint(0, 3, (7,))
+    return hvp.Problem(model, inputs, targets)
+
+
+def _flat_function(problem, fn):
+    """``fn(params tuple)`` as a function of one flat vector."""
+
+    def of_flat(flat):
+        pieces = tuple(
+            flat[off : off + n].view(p.shape)
+            for off, n, p in zip(problem.offsets, problem.numels, problem.params)
+        )
+        return fn(pieces)
+
+    flat = torch.cat([p.detach().reshape(-1) for p in problem.params])
+    return of_flat, flat
+
+
+def _dense_hessian(problem):
+    of_flat, flat = _flat_function(problem, problem.functional_loss())
+    return torch.func.hessian(of_flat)(flat)
+
+
+def _dense_ggn(problem):
+    of_flat, flat = _flat_function(problem, problem.functional_output())
+    jac = torch.func.jacrev(of_flat)(flat)  # (N, C, d)
+    probs = torch.softmax(of_flat(flat), dim=-1)
+    n = probs.shape[0]
+    # mean cross-entropy: H_n = (diag(p_n) - p_n p_n^T) / N for every sample n
+    loss_hessians = (torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]) / n
+    return torch.einsum("nci,ncd,ndj->ij", jac, loss_hessians, jac)
+
+
+@pytest.mark.parametrize("build", [_tiny_mlp, _tiny_cnn], ids=["mlp_tanh", "cnn_bn_pool"])
+@pytest.mark.parametrize("b", [1, 3])
+def test_baselines_match_the_dense_hessian(build, b):
+    problem = _tiny_problem(build)
+    dense = _dense_hessian(problem)
+    assert torch.allclose(dense, dense.T, atol=1e-12)
+    block = torch.randn(problem.dim, b, dtype=torch.float64)
+    expected = dense @ block
+    for name, method in hvp.BASELINE_CLASSES.items():
+        product = method(problem)(block)
+        # fp64 and ~100 parameters: rounding is ~1e-15 of the norm; 1e-10 leaves room for
+        # the different evaluation orders while a wrong term would be O(1e-2) or more.
+        harness.check_close(product, expected, rtol=1e-10, what=name, dim=0)
+
+
+@pytest.mark.parametrize("build", [_tiny_mlp, _tiny_cnn], ids=["mlp_tanh", "cnn_bn_pool"])
+def test_ggn_reference_matches_the_dense_ggn(build):
+    problem = _tiny_problem(build)
+    dense = _dense_ggn(problem)
+    block = torch.randn(problem.dim, 3, dtype=torch.float64)
+    harness.check_close(hvp.ggn_reference(problem, block), dense @ block, rtol=1e-10, what="ggn")
+    # and the GGN is not the Hessian here (tanh/BN make them differ), so the test has teeth
+    hessian = _dense_hessian(problem)
+    assert (hessian - dense).norm() > 1e-3 * dense.norm()
+
+
+def test_cross_entropy_hessian_closed_form():
+    logits = torch.randn(5, 4, dtype=torch.float64)
+    targets = torch.randint(0, 4, (5,))
+    tangent = torch.randn(5, 4, dtype=torch.float64)
+    dense = torch.func.hessian(lambda z: nn.functional.cross_entropy(z, targets))(logits)
+    expected = torch.einsum("ncmd,md->nc", dense, tangent)
+    assert torch.allclose(hvp.cross_entropy_hessian_product(logits, tangent), expected)
+
+
+def test_variants_pair_methods_with_curvatures():
+    chosen = hvp.variants(["jvp_grad", "ours_fused", "ours_double_backward"], ["hessian", "ggn"])
+    assert [(v.method, v.curvature) for v in chosen] == [
+        ("jvp_grad", "hessian"),
+        ("ours_fused", "hessian"),
+        ("ours_fused", "ggn"),
+        ("ours_double_backward", "hessian"),
+    ]
+    assert hvp.variants(["jvp_grad"], ["ggn"]) == []
+
+
+# --------------------------------------------------------------------------------------
+# the script end to end (tiny settings)
+
+_SMOKE = ["--quick", "--models", "mlp_lenet", "--blocks", "1,2", "--seed", "1"]
+
+
+def test_hvp_script_saves_csv_and_summary(tmp_path, capsys, monkeypatch):
+    # Our operator may not exist yet, or may be mid-change: pretend it is missing, which
+    # must be reported as unavailable, not as a failure.
+    monkeypatch.setattr(hvp, "import_operator", lambda: (None, "not built in this test"))
+    argv = [*_SMOKE, "--out", str(tmp_path), "--methods", "double_backward_reuse,ours_fused"]
+    assert hvp.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ours_fused (hessian): unavailable -- not built in this test" in out
+    csv_path = harness.results_path(tmp_path, "cpu")
+    rows = _read_csv(csv_path)
+    assert [(r["method"], r["block"]) for r in rows] == [
+        ("gradient", ""),
+        ("double_backward_reuse", "1"),
+        ("double_backward_reuse", "2"),
+    ]
+    assert all(r["benchmark"] == "hvp" and r["device"] == harness.device_name("cpu") for r in rows)
+    assert float(rows[1]["ratio_to_grad"]) > 0 and float(rows[1]["rel_err"]) < hvp.RTOL_FP32
+    summary = harness.results_path(tmp_path, "cpu", "-hvp.md").read_text()
+    command = summary.splitlines()[3]
+    assert command.startswith("python benchmarks/hvp.py --quick")
+    assert "--methods double_backward_reuse,ours_fused" in command
+    assert "| mlp_lenet |" in summary
+
+
+def test_hvp_script_refuses_to_time_a_wrong_method(capsys, monkeypatch):
+    class Wrong(hvp.DoubleBackwardReuse):
+        def __call__(self, block):
+            return 1.001 * super().__call__(block)
+
+    monkeypatch.setitem(hvp.BASELINE_CLASSES, "double_backward_reuse", Wrong)
+    argv = [*_SMOKE, "--no-save", "--methods", "double_backward_reuse,vmap_jvp_grad"]
+    assert hvp.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "double_backward_reuse (hessian) b=1: FAILED" in out
+    lines = out.splitlines()
+    header = max(i for i, line in enumerate(lines) if line.split()[:3] == ["model", "b", "method"])
+    timed = lines[header + 2 :]  # the final table
+    assert not any("double_backward_reuse" in line for line in timed)
+    assert any("vmap_jvp_grad" in line for line in timed)
+
+
+def test_hvp_script_skips_block_sizes_past_the_call_limit(capsys):
+    argv = [*_SMOKE, "--no-save", "--methods", "jvp_grad", "--max-call-s", "0"]
+    assert hvp.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mlp_lenet jvp_grad (hessian) b=2: skipped -- " in out
