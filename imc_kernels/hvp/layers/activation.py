@@ -68,9 +68,13 @@ class ActivationRule(LayerRule):
         if rx is None:
             return None
         _, ra = ops.activation_jvp(
-            self.z, rx, self.kind, negative_slope=self.negative_slope, write_primal=False
+            self.z,
+            _block_first(rx),
+            self.kind,
+            negative_slope=self.negative_slope,
+            write_primal=False,
         )
-        return ra
+        return _sample_first(ra)
 
     def tangent_backward(self, rg_y, need_input_grad):
         if not need_input_grad:
@@ -79,11 +83,21 @@ class ActivationRule(LayerRule):
         curvature = "hessian" if self.hessian and self.rz is not None else "ggn"
         _, rg_z = ops.activation_hvp_backward(
             self.z,
-            self.rz,
+            None if self.rz is None else _block_first(self.rz),
             self.g_a,
-            rg_y,
+            _block_first(rg_y),
             self.kind,
             negative_slope=self.negative_slope,
             curvature=curvature,
         )
-        return rg_z, []
+        return _sample_first(rg_z), []
+
+
+def _block_first(t):
+    """(N, b, *f) -> the (b, N, *f) view the elementwise ops take (no copy)."""
+    return t.transpose(0, 1)
+
+
+def _sample_first(t):
+    """(b, N, *f) -> (N, b, *f); free when the op preserved the input's memory layout."""
+    return t.transpose(0, 1).contiguous()

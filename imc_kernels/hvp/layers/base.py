@@ -4,10 +4,17 @@ A rule runs four passes for its module ``y = f(x; w)``:
 
 * ``primal_forward(x) -> y`` once per operator, saving what later passes need;
 * ``primal_backward(g_y, need_input_grad) -> g_x`` once per operator, saving ``g_y``;
-* ``tangent_forward(rx, dparams) -> ry`` per product, ``rx``/``ry`` of shape ``(b, *x.shape)``
-  and ``(b, *y.shape)``, ``rx=None`` meaning a zero tangent (the network input);
+* ``tangent_forward(rx, dparams) -> ry`` per product, ``rx=None`` meaning a zero tangent (the
+  network input);
 * ``tangent_backward(rg_y, need_input_grad) -> (rg_x, hv)`` per product: the tangent of the
   input gradient and the rule's block of ``H v`` (one ``(b, *p.shape)`` per parameter).
+
+Activation tangents are laid out *sample-major, block-inner*: for a primal ``x`` of shape
+``(N, *f)`` the block of b tangents is ``(N, b, *f)``. Products with a stacked weight tangent
+(``x [dW_1 ... dW_b]^T``, ``conv(x, [dW_1; ...; dW_b])``) produce exactly this layout, and
+products with the shared weight see it as a batch of ``N b`` samples (a free view), so no
+activation-sized transpose is ever needed; only weight-sized ones. Parameter tangents and
+products are ``(b, *p.shape)``.
 
 Because the batch is fixed while a solver runs, the primal passes run once and every product
 pays only for the tangent passes (Pearlmutter's R-op on a cached primal).

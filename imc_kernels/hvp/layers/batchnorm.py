@@ -37,7 +37,6 @@ class BatchNormRule(LayerRule):
         ndim = x.dim()
         self.scale = self._channel(torch.rsqrt(m.running_var + m.eps), ndim)
         self.x_hat = (x - self._channel(m.running_mean, ndim)) * self.scale
-        self.sum_dims = tuple(d for d in range(ndim) if d != 1)
         if m.affine:
             self.gamma = self._channel(m.weight, ndim)
             return self.x_hat * self.gamma + self._channel(m.bias, ndim)
@@ -48,40 +47,50 @@ class BatchNormRule(LayerRule):
         self.g_y = g_y
         return g_y * (self.gamma * self.scale) if need_input_grad else None
 
+    # Tangents are (N, b, C, *spatial): per-channel primal tensors gain a block axis at 1,
+    # per-tangent (b, C) parameters become (1, b, C, 1, ...).
+    def _tangent_channel(self, t):
+        return t.unsqueeze(1)
+
+    def _block_channel(self, d):
+        return d.view(1, *d.shape, *([1] * (self.x_hat.dim() - 2)))
+
     def tangent_forward(self, rx, dparams):
         self.rx = rx
         self.d_gamma = dparams[0] if self.module.affine else None
         d_beta = dparams[1] if self.module.affine else None
-        ry = None if rx is None else rx * (self.gamma * self.scale)
-        for d, base in ((self.d_gamma, self.x_hat), (d_beta, None)):
-            if d is None:
-                continue
-            term = d.view(d.shape[0], *self._channel(d[0], self.x_hat.dim()).shape)
-            term = term * base if base is not None else term
-            ry = term.expand(d.shape[0], *self.x_hat.shape).clone() if ry is None else ry + term
+        ry = None if rx is None else rx * self._tangent_channel(self.gamma * self.scale)
+        if self.d_gamma is not None:
+            term = self._tangent_channel(self.x_hat) * self._block_channel(self.d_gamma)
+            ry = term if ry is None else ry.add_(term)
+        if d_beta is not None:
+            if ry is None:
+                n, b = self.x_hat.shape[0], d_beta.shape[0]
+                ry = self._block_channel(d_beta).expand(n, b, *self.x_hat.shape[1:]).clone()
+            else:
+                ry.add_(self._block_channel(d_beta))
         return ry
 
     def tangent_backward(self, rg_y, need_input_grad):
         m = self.module
-        dims = tuple(d + 1 for d in self.sum_dims)
+        dims = (0, *range(3, rg_y.dim()))  # all but the block and channel axes
         hv = []
         if m.affine:
             hv_gamma = hv_beta = None
             if m.weight.requires_grad:
-                inner = rg_y * self.x_hat
+                inner = rg_y * self._tangent_channel(self.x_hat)
                 if self.hessian and self.rx is not None:
-                    inner = inner + self.rx * (self.g_y * self.scale)
+                    inner = inner + self.rx * self._tangent_channel(self.g_y * self.scale)
                 hv_gamma = inner.sum(dim=dims)
             if m.bias.requires_grad:
                 hv_beta = rg_y.sum(dim=dims)
             hv = [hv_gamma, hv_beta]
         rg_x = None
         if need_input_grad:
-            rg_x = rg_y * (self.gamma * self.scale)
+            rg_x = rg_y * self._tangent_channel(self.gamma * self.scale)
             if self.hessian and self.d_gamma is not None:
-                shape = (
-                    self.d_gamma.shape[0],
-                    *self._channel(self.d_gamma[0], rg_y.dim() - 1).shape,
+                term = self._block_channel(self.d_gamma) * self._tangent_channel(
+                    self.g_y * self.scale
                 )
-                rg_x = rg_x + self.d_gamma.view(shape) * (self.g_y * self.scale)
+                rg_x = rg_x + term
         return rg_x, hv

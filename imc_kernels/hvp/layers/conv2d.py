@@ -79,75 +79,72 @@ class Conv2dRule(LayerRule):
         self.rx, self.d_weight = rx, d_weight
         if rx is None and d_weight is None and d_bias is None:
             return None
-        n, co = self.y_shape[0], self.y_shape[1]
-        ry = None
-        if rx is not None:
-            b = rx.shape[0]
-            ry = self._conv(rx.flatten(0, 1), weight).view(b, *self.y_shape)
+        n, co, ho, wo = self.y_shape
+        b = rx.shape[1] if rx is not None else next(t for t in dparams if t is not None).shape[0]
         if d_weight is not None:
-            b = d_weight.shape[0]
             if self.module.groups == 1:
-                x_dw = self._conv(self.x, d_weight.flatten(0, 1))
-                x_dw = x_dw.view(n, b, co, *self.y_shape[2:]).transpose(0, 1)
+                # The b weight tangents as b*Co output channels: output (N, b*Co, Ho, Wo).
+                ry = self._conv(self.x, d_weight.flatten(0, 1)).view(n, b, co, ho, wo)
             else:
-                x_dw = torch.stack([self._conv(self.x, d_weight[i]) for i in range(b)])
-            ry = x_dw.contiguous() if ry is None else ry.add_(x_dw)
+                ry = torch.stack([self._conv(self.x, d_weight[i]) for i in range(b)], dim=1)
+            if rx is not None:
+                ry += self._conv(rx.flatten(0, 1), weight).view(n, b, co, ho, wo)
+        elif rx is not None:
+            # (N, b, Ci, H, W) is a batch of N*b samples for the shared weight: a free view.
+            ry = self._conv(rx.flatten(0, 1), weight).view(n, b, co, ho, wo)
+        else:
+            ry = torch.zeros(n, b, co, ho, wo, dtype=weight.dtype, device=weight.device)
         if d_bias is not None:
-            bias = d_bias.view(d_bias.shape[0], 1, co, 1, 1)
-            ry = bias.expand(bias.shape[0], *self.y_shape).clone() if ry is None else ry.add_(bias)
+            ry += d_bias.view(1, b, co, 1, 1)
         return ry
 
     def tangent_backward(self, rg_y, need_input_grad):
         weight = self.module.weight
-        groups = self.module.groups
-        b, n, co = rg_y.shape[:3]
+        n, b, co = rg_y.shape[:3]
+        rg_y = rg_y.contiguous()
         hv_weight = hv_bias = None
         if weight.requires_grad:
-            if groups == 1:
-                # (b, N, Co, ...) -> (N, b*Co, ...): the block as extra output channels.
-                stacked = rg_y.transpose(0, 1).reshape(n, b * co, *rg_y.shape[3:])
+            if self.module.groups == 1:
+                stacked = rg_y.view(n, b * co, *rg_y.shape[3:])
                 hv_weight = conv2d_weight(
                     self.x, (b * co, *weight.shape[1:]), stacked, **self.conv_args
                 ).view(b, *weight.shape)
             else:
                 hv_weight = torch.stack(
                     [
-                        conv2d_weight(self.x, weight.shape, rg_y[i], **self.conv_args)
+                        conv2d_weight(self.x, weight.shape, rg_y[:, i], **self.conv_args)
                         for i in range(b)
                     ]
                 )
             if self.hessian and self.rx is not None:
-                hv_weight.add_(self._weight_grad_of_input_tangents())
+                hv_weight += self._weight_grad_of_input_tangents()
         if self.module.bias is not None and self.module.bias.requires_grad:
-            hv_bias = rg_y.sum(dim=(1, 3, 4))
+            hv_bias = rg_y.sum(dim=(0, 3, 4))
         rg_x = None
         if need_input_grad:
             rg_x = conv2d_input(
-                (b * n, *self.x.shape[1:]), weight, rg_y.flatten(0, 1), **self.conv_args
-            ).view(b, *self.x.shape)
+                (n * b, *self.x.shape[1:]), weight, rg_y.flatten(0, 1), **self.conv_args
+            ).view(n, b, *self.x.shape[1:])
             if self.hessian and self.d_weight is not None:
-                rg_x.add_(self._input_grad_of_weight_tangents(b))
+                rg_x += self._input_grad_of_weight_tangents(b)
         hv = [hv_weight] + ([hv_bias] if self.module.bias is not None else [])
         return rg_x, hv
 
     def _weight_grad_of_input_tangents(self):
         """``conv_w(rx_i, g_y)`` for the whole block in one grouped call (b * g groups)."""
         weight, groups = self.module.weight, self.module.groups
-        b, n, ci = self.rx.shape[:3]
+        n, b, ci = self.rx.shape[:3]
         co = weight.shape[0]
-        inputs = self.rx.transpose(0, 1).reshape(n, b * ci, *self.rx.shape[3:])
-        grads = (
-            self.g_y.unsqueeze(1)
-            .expand(n, b, *self.g_y.shape[1:])
-            .reshape(n, b * co, *self.g_y.shape[2:])
-        )
+        inputs = self.rx.reshape(n, b * ci, *self.rx.shape[3:])
+        grads = self.g_y.unsqueeze(1).expand(n, b, *self.g_y.shape[1:])
+        grads = grads.reshape(n, b * co, *self.g_y.shape[2:])
         args = dict(self.conv_args, groups=b * groups)
         return conv2d_weight(inputs, (b * co, *weight.shape[1:]), grads, **args).view(
             b, *weight.shape
         )
 
     def _input_grad_of_weight_tangents(self, b):
-        """``conv_x(g_y, dW_i)`` for the whole block."""
+        """``conv_x(g_y, dW_i)`` for the whole block, as (N, b, Ci, H, W)."""
         n, ci = self.x.shape[:2]
         if self.module.groups == 1:
             # The b weight tangents side by side as one (Co, b*Ci, kh, kw) weight.
@@ -155,10 +152,11 @@ class Conv2dRule(LayerRule):
                 self.d_weight.shape[1], b * ci, *self.d_weight.shape[3:]
             )
             out = conv2d_input((n, b * ci, *self.x.shape[2:]), stacked, self.g_y, **self.conv_args)
-            return out.view(n, b, ci, *self.x.shape[2:]).transpose(0, 1)
+            return out.view(n, b, ci, *self.x.shape[2:])
         return torch.stack(
             [
                 conv2d_input(self.x.shape, self.d_weight[i], self.g_y, **self.conv_args)
                 for i in range(b)
-            ]
+            ],
+            dim=1,
         )

@@ -1,7 +1,8 @@
 """HVP rule for ``nn.Linear``: ``y = x W^T + c``.
 
-Shapes: ``x`` (R, K) after flattening leading dims into rows R, ``W`` (M, K), ``c`` (M,);
-a block of b tangents ``dW`` (b, M, K), ``dc`` (b, M), ``rx`` (b, R, K).
+Shapes: ``x`` (R, K) with rows R = N (or N times any middle dims), ``W`` (M, K), ``c`` (M,);
+block tangents ``rx`` (N, b, K) (sample-major, block-inner; see ``base.py``), ``dW``
+(b, M, K), ``dc`` (b, M).
 
 * tangent forward  ``ry_i = x dW_i^T + rx_i W^T + dc_i``
 * primal backward  ``g_x = g_y W``
@@ -9,10 +10,12 @@ a block of b tangents ``dW`` (b, M, K), ``dc`` (b, M), ``rx`` (b, R, K).
 * weight products  ``(Hv)_W,i = rg_y_i^T x + g_y^T rx_i``       (second term: Hessian only)
   ``(Hv)_c,i = sum_rows rg_y_i``
 
-Every product has one operand shared by the block, so each becomes one large GEMM:
-``x [dW_1; ...; dW_b]^T`` is (R, K)(K, bM) and ``[rx_1; ...; rx_b] W^T`` is (bR, K)(K, M).
-For the first layer ``rx = 0``: its tangent work (4RKM per vector) equals the gradient's, which
-is what keeps a product of an MLP near the cost of one gradient.
+Every product has one operand shared by the block, so each is one large GEMM whose output is
+already in the (R, b, .) layout: ``x [dW_1; ...; dW_b]^T`` is (R, K)(K, bM),
+``[rx] W^T`` is (Rb, K)(K, M), ``g_y [dW_1 | ... | dW_b]`` is (R, M)(M, bK),
+``rg_y^T x`` is (bM, R)(R, K) and ``g_y^T [rx]`` is (M, R)(R, bK).
+For the first layer ``rx = 0``: its tangent work (4RKM per vector) equals the gradient's,
+which keeps a product of an MLP near the cost of one gradient.
 """
 
 from __future__ import annotations
@@ -36,59 +39,63 @@ class LinearRule(LayerRule):
             return None
         return (self.g_y @ self.module.weight).view(self.x_shape)
 
+    # Tangents of inputs with middle dims, (N, b, *mid, K), are moved to rows (N*mid, b, K).
+    def _to_rows(self, t):
+        if len(self.x_shape) == 2:
+            return t
+        return t.movedim(1, -2).reshape(self.x.shape[0], t.shape[1], t.shape[-1])
+
+    def _from_rows(self, t):
+        if len(self.x_shape) == 2:
+            return t
+        n, mid = self.x_shape[0], self.x_shape[1:-1]
+        return t.view(n, *mid, t.shape[1], t.shape[-1]).movedim(-2, 1).contiguous()
+
     def tangent_forward(self, rx, dparams):
         weight = self.module.weight
         d_weight = dparams[0]
         d_bias = dparams[1] if self.module.bias is not None else None
-        rows, (m, k) = self.x.shape[0], weight.shape
-        self.rx = None if rx is None else rx.reshape(rx.shape[0], rows, k)
+        self.rx = None if rx is None else self._to_rows(rx)
         self.d_weight = d_weight
         if self.rx is None and d_weight is None and d_bias is None:
             return None  # frozen layer on the network input: no tangent flows yet
-        b = _block_size(rx, dparams)
-        ry = None
-        if self.rx is not None:
-            ry = (self.rx.reshape(-1, k) @ weight.T).view(b, rows, m)
+        rows, (m, k) = self.x.shape[0], weight.shape
+        b = next(t.shape[0] for t in (d_weight, d_bias) if t is not None) if rx is None else (
+            rx.shape[1]
+        )
         if d_weight is not None:
-            # One (R, K) x (K, bM) GEMM for the whole block, then a strided add.
-            x_dw = (self.x @ d_weight.reshape(b * m, k).T).view(rows, b, m).transpose(0, 1)
-            ry = x_dw.contiguous() if ry is None else ry.add_(x_dw)
+            ry = (self.x @ d_weight.reshape(b * m, k).T).view(rows, b, m)
+            if self.rx is not None:
+                ry.view(rows * b, m).addmm_(self.rx.reshape(rows * b, k), weight.T)
+        elif self.rx is not None:
+            ry = (self.rx.reshape(rows * b, k) @ weight.T).view(rows, b, m)
+        else:
+            ry = torch.zeros(rows, b, m, dtype=weight.dtype, device=weight.device)
         if d_bias is not None:
-            ry = (
-                d_bias.unsqueeze(1).expand(b, rows, m).clone()
-                if ry is None
-                else ry.add_(d_bias.unsqueeze(1))
-            )
-        if ry is None:
-            return None
-        return ry.view(b, *self.x_shape[:-1], m)
+            ry.add_(d_bias)
+        return self._from_rows(ry)
 
     def tangent_backward(self, rg_y, need_input_grad):
         weight = self.module.weight
         m, k = weight.shape
-        b = rg_y.shape[0]
-        rg_y = rg_y.reshape(b, -1, m)
+        rg_y = self._to_rows(rg_y)
+        rows, b = rg_y.shape[:2]
         hv_weight = hv_bias = None
         if weight.requires_grad:
-            hv_weight = torch.matmul(rg_y.transpose(1, 2), self.x)
+            hv_weight = (rg_y.reshape(rows, b * m).T @ self.x).view(b, m, k)
             if self.hessian and self.rx is not None:
-                hv_weight.add_(torch.matmul(self.g_y.T, self.rx))
+                g_rx = (self.g_y.T @ self.rx.reshape(rows, b * k)).view(m, b, k)
+                hv_weight.add_(g_rx.transpose(0, 1))
         if self.module.bias is not None and self.module.bias.requires_grad:
-            hv_bias = rg_y.sum(dim=1)
+            hv_bias = rg_y.sum(dim=0)
         rg_x = None
         if need_input_grad:
-            rg_x = (rg_y.reshape(-1, m) @ weight).view(b, -1, k)
             if self.hessian and self.d_weight is not None:
-                rg_x.add_(torch.matmul(self.g_y, self.d_weight))
-            rg_x = rg_x.view(b, *self.x_shape)
+                stacked = self.d_weight.transpose(0, 1).reshape(m, b * k)  # weight-sized copy
+                rg_x = (self.g_y @ stacked).view(rows, b, k)
+                rg_x.view(rows * b, k).addmm_(rg_y.reshape(rows * b, m), weight)
+            else:
+                rg_x = (rg_y.reshape(rows * b, m) @ weight).view(rows, b, k)
+            rg_x = self._from_rows(rg_x)
         hv = [hv_weight] + ([hv_bias] if self.module.bias is not None else [])
         return rg_x, hv
-
-
-def _block_size(rx, dparams) -> int:
-    if rx is not None:
-        return rx.shape[0]
-    for d in dparams:
-        if d is not None:
-            return d.shape[0]
-    raise ValueError("a linear rule received no tangent at all")

@@ -62,15 +62,16 @@ class CrossEntropyRule:
         return row_loss.sum() * self.scale, g_z
 
     def tangent(self, rz):
+        # The kernel takes (b, N, C); the engine's tangents are (N, b, C).
         _, _, rg = ops.cross_entropy_hvp(
             self.z,
             self.targets,
-            rz,
+            rz.transpose(0, 1),
             scale=self.scale,
             ignore_index=self.ignore_index,
             write_primal=False,
         )
-        return rg
+        return rg.transpose(0, 1)
 
 
 class MSERule:

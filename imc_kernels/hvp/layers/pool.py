@@ -7,7 +7,8 @@ for max pooling) and the tangent passes are the primal passes applied to each ta
   ``rg_x_i = scatter_add(rg_y_i, argmax)`` (overlapping windows add);
 * average pools: the same linear pooling forward, and its adjoint backward.
 
-The block dimension is folded into the batch, so every tangent pass is one call.
+The block dimension of the (N, b, C, H, W) tangents folds into the batch (a free view), so
+every tangent pass is one call.
 """
 
 from __future__ import annotations
@@ -35,19 +36,23 @@ class MaxPool2dRule(LayerRule):
         self.indices = indices.flatten(-2)  # (N, C, Ho*Wo) into flattened (H*W) planes
         return y
 
+    # Tangents are (N, b, C, H, W); the saved indices broadcast over the block dimension.
+    def _index(self, b):
+        n, *rest = self.indices.shape
+        return self.indices.unsqueeze(1).expand(n, b, *rest)
+
     def _gather(self, t):
-        b = t.shape[0]
-        index = self.indices.unsqueeze(0).expand(b, *self.indices.shape)
-        return t.flatten(-2).gather(-1, index).view(b, *self.y_shape)
+        n, b = t.shape[:2]
+        return t.flatten(-2).gather(-1, self._index(b)).view(n, b, *self.y_shape[1:])
 
     def _scatter(self, t):
-        b = t.shape[0]
-        index = self.indices.unsqueeze(0).expand(b, *self.indices.shape)
-        out = t.new_zeros(b, *self.x_shape[:-2], self.x_shape[-2] * self.x_shape[-1])
-        return out.scatter_add_(-1, index, t.flatten(-2)).view(b, *self.x_shape)
+        n, b = t.shape[:2]
+        plane = self.x_shape[-2] * self.x_shape[-1]
+        out = t.new_zeros(n, b, *self.x_shape[1:-2], plane)
+        return out.scatter_add_(-1, self._index(b), t.flatten(-2)).view(n, b, *self.x_shape[1:])
 
     def primal_backward(self, g_y, need_input_grad):
-        return self._scatter(g_y.unsqueeze(0))[0] if need_input_grad else None
+        return self._scatter(g_y.unsqueeze(1))[:, 0] if need_input_grad else None
 
     def tangent_forward(self, rx, dparams):
         return None if rx is None else self._gather(rx)
@@ -103,14 +108,15 @@ class AvgPool2dRule(LayerRule):
     def tangent_forward(self, rx, dparams):
         if rx is None:
             return None
+        n, b = rx.shape[:2]
         y = self._pool(rx.flatten(0, 1))
-        return y.view(rx.shape[0], *self.x_shape[:1], *y.shape[1:])
+        return y.view(n, b, *y.shape[1:])
 
     def tangent_backward(self, rg_y, need_input_grad):
         if not need_input_grad:
             return None, []
-        b = rg_y.shape[0]
-        return self._adjoint(rg_y.flatten(0, 1)).view(b, *self.x_shape), []
+        n, b = rg_y.shape[:2]
+        return self._adjoint(rg_y.flatten(0, 1)).view(n, b, *self.x_shape[1:]), []
 
 
 def _pair(value):

@@ -1,0 +1,368 @@
+"""``HessianOperator`` properties: blocks, symmetry, linearity, determinism, engine choice,
+frozen and shared parameters, the counters and converters, and the one-call ``hvp``.
+
+fp32 throughout. Tolerances: a block against its columns 1e-6 (the same rules in the same
+precision, only GEMM shapes and so summation orders differ: a few ulp of each column's norm);
+symmetry and linearity 1e-5 (the fp32 rounding of two separate products, as for the oracle).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import imc_kernels
+from imc_kernels import HessianOperator
+
+ENGINE_CURVATURES = [
+    ("fused", "hessian"),
+    ("fused", "ggn"),
+    ("func", "hessian"),
+    ("func", "ggn"),
+    ("double_backward", "hessian"),
+]
+EC_IDS = [f"{e}-{c}" for e, c in ENGINE_CURVATURES]
+ENGINES = ("fused", "func", "double_backward")
+# One MLP and one CNN with two convolutions (the block paths of every conv term).
+PROPERTY_CASES = ["mlp_gelu", "conv_conv_groups_stride"]
+
+
+def _operator(oracles, case_name, engine="auto", curvature="hessian", **kwargs):
+    model, loss_fn, batch = oracles.build_case(case_name)
+    return HessianOperator(model, loss_fn, batch, engine=engine, curvature=curvature, **kwargs)
+
+
+def _model_state(model):
+    """Everything an operator must leave alone: parameter objects and values, grads, buffers."""
+    return {
+        "params": [(name, p, p.detach().clone()) for name, p in model.named_parameters()],
+        "kinds": [type(p) for p in model.parameters()],
+        "buffers": {name: b.clone() for name, b in model.named_buffers()},
+        "training": [m.training for m in model.modules()],
+    }
+
+
+def _assert_untouched(model, before):
+    after = _model_state(model)
+    assert [n for n, _, _ in after["params"]] == [n for n, _, _ in before["params"]]
+    assert all(type(p) is nn.Parameter for p in model.parameters()), after["kinds"]
+    for (name, p_before, value), (_, p_after, _) in zip(before["params"], after["params"]):
+        assert p_after is p_before, f"{name} was replaced"
+        assert torch.equal(p_after.detach(), value), f"{name} changed"
+        assert p_after.grad is None, f"{name}.grad was written"
+    assert before["buffers"].keys() == after["buffers"].keys()
+    assert all(torch.equal(before["buffers"][k], after["buffers"][k]) for k in before["buffers"])
+    assert after["training"] == before["training"]
+
+
+# ------------------------------------------------------------------- algebraic properties
+
+
+@pytest.mark.parametrize("case_name", PROPERTY_CASES)
+@pytest.mark.parametrize(("engine", "curvature"), ENGINE_CURVATURES, ids=EC_IDS)
+def test_block_equals_stacked_singles(oracles, case_name, engine, curvature):
+    op = _operator(oracles, case_name, engine, curvature)
+    block = oracles.random_block(op.dim, 5, seed=3)
+    together = op @ block
+    singles = torch.stack([op @ block[:, j] for j in range(5)], dim=1)
+    assert oracles.rel_err(together, singles) <= 1e-6
+
+
+@pytest.mark.parametrize("case_name", PROPERTY_CASES)
+@pytest.mark.parametrize(("engine", "curvature"), ENGINE_CURVATURES, ids=EC_IDS)
+def test_symmetry(oracles, case_name, engine, curvature):
+    """``u . (H v) = v . (H u)`` for every pair of 4 random vectors: ``U^T H U`` is symmetric."""
+    op = _operator(oracles, case_name, engine, curvature)
+    block = oracles.random_block(op.dim, 4, seed=5)
+    gram = block.double().T @ (op @ block).double()
+    assert float((gram - gram.T).norm() / gram.norm()) <= 1e-5
+
+
+@pytest.mark.parametrize(("engine", "curvature"), ENGINE_CURVATURES, ids=EC_IDS)
+def test_linearity(oracles, engine, curvature):
+    op = _operator(oracles, "conv_bn2d_affine_adaptive", engine, curvature)
+    u, v = oracles.random_block(op.dim, 2, seed=7).unbind(1)
+    combined = op @ (2.5 * u - 0.75 * v)
+    expected = 2.5 * (op @ u).double() - 0.75 * (op @ v).double()
+    assert oracles.rel_err(combined, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_same_inputs_same_bits(oracles, engine):
+    block = None
+    results = []
+    for _ in range(2):
+        op = _operator(oracles, "conv_conv_groups_stride", engine)
+        block = oracles.random_block(op.dim, 3, seed=11) if block is None else block
+        results += [op @ block, op @ block]
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_uninitialised_memory_is_never_read(oracles, engine):
+    """``torch.empty`` filled with NaN (deterministic mode): an unwritten element would show."""
+    op = _operator(oracles, "conv_groups2_nobias_maxpool_overlap", engine)
+    block = oracles.random_block(op.dim, 3, seed=13)
+    expected = op @ block
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        poisoned = _operator(oracles, "conv_groups2_nobias_maxpool_overlap", engine) @ block
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    assert torch.isfinite(poisoned).all()
+    assert oracles.rel_err(poisoned, expected) <= 1e-6
+
+
+def test_non_contiguous_and_empty_blocks(oracles):
+    op = _operator(oracles, "mlp_tanh")
+    rows = oracles.random_block(op.dim, 3, seed=17).T.contiguous()  # (3, dim)
+    assert not rows.T.is_contiguous()
+    torch.testing.assert_close(op @ rows.T, op @ rows.T.contiguous(), rtol=0, atol=0)
+    empty = op @ torch.zeros(op.dim, 0)
+    assert empty.shape == (op.dim, 0)
+    assert op.n_products == 6
+
+
+# ------------------------------------------------------------------------ engine choice
+
+
+class TwoBranch(nn.Module):
+    """A custom module with its own forward: not a Sequential, so not for the fused walker."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 5)
+        self.b = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x)) * torch.sigmoid(self.b(x)))
+
+
+def _fallback_problem(kind):
+    gen = torch.Generator().manual_seed(21)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(21)
+        if kind == "custom_module":
+            model, loss_fn = TwoBranch(), nn.CrossEntropyLoss()
+        elif kind == "layernorm":
+            model = nn.Sequential(nn.Linear(6, 7), nn.LayerNorm(7), nn.SiLU(), nn.Linear(7, 3))
+            loss_fn = nn.CrossEntropyLoss()
+        else:  # a loss without a fused rule
+            model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3))
+            loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    batch = (torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+    return model, loss_fn, batch
+
+
+FALLBACKS = {"custom_module": "TwoBranch", "layernorm": "LayerNorm", "loss": "label smoothing"}
+
+
+def test_auto_picks_fused_for_supported_sequential(oracles):
+    op = _operator(oracles, "conv_bn2d_affine_adaptive")
+    assert op.engine == "fused"
+    assert "fused" in repr(op)
+
+
+@pytest.mark.parametrize("kind", list(FALLBACKS))
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_auto_falls_back_to_func_and_is_right(oracles, kind, curvature):
+    model, loss_fn, batch = _fallback_problem(kind)
+    reference = oracles.dense(curvature, model, loss_fn, batch)
+    op = HessianOperator(model, loss_fn, batch, curvature=curvature)
+    assert op.engine == "func"
+    assert FALLBACKS[kind] in op.engine_reason
+    block = oracles.random_block(op.dim, 3, seed=23)
+    assert oracles.rel_err(op @ block, reference @ block.double()) <= 1e-5
+
+
+def test_auto_picks_func_in_train_mode(oracles):
+    model, loss_fn, batch = oracles.build_case("mlp_tanh")
+    op = HessianOperator(model, loss_fn, batch, mode="train")
+    assert op.engine == "func"
+    assert "train" in op.engine_reason
+
+
+@pytest.mark.parametrize("kind", list(FALLBACKS))
+def test_fused_refuses_unsupported_models(kind):
+    model, loss_fn, batch = _fallback_problem(kind)
+    with pytest.raises(ValueError, match=f"engine='fused'.*{FALLBACKS[kind]}"):
+        HessianOperator(model, loss_fn, batch, engine="fused")
+
+
+# ------------------------------------------------------------ frozen and shared parameters
+
+
+def _frozen_model(kind):
+    """``(model, loss_fn, batch)`` with some parameters frozen (requires_grad False)."""
+    gen = torch.Generator().manual_seed(31)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(31)
+        if kind.startswith("mlp"):
+            model = nn.Sequential(
+                nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.GELU(), nn.Linear(6, 3)
+            )
+            x = torch.randn(7, 5, generator=gen)
+        else:
+            model = nn.Sequential(
+                nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.MaxPool2d(2),
+                nn.Flatten(), nn.Linear(27, 3),
+            )  # fmt: skip
+            bn = model[1]
+            with torch.no_grad():
+                bn.running_mean.copy_(0.2 * torch.randn(3, generator=gen))
+                bn.running_var.copy_(0.5 + torch.rand(3, generator=gen))
+                bn.weight.copy_(1 + 0.3 * torch.randn(3, generator=gen))
+            x = torch.randn(6, 2, 6, 6, generator=gen)
+    model.eval()
+    if kind == "mlp_first_weight":
+        model[0].weight.requires_grad_(False)
+    elif kind == "mlp_first_layer":
+        model[0].requires_grad_(False)
+    elif kind == "mlp_middle_weight":
+        model[2].weight.requires_grad_(False)
+    elif kind == "cnn_conv_and_bn_bias":
+        model[0].requires_grad_(False)
+        model[1].bias.requires_grad_(False)
+    elif kind == "cnn_bn_weight":
+        model[1].weight.requires_grad_(False)
+    targets = torch.randint(0, 3, (x.shape[0],), generator=gen)
+    return model, nn.CrossEntropyLoss(), (x, targets)
+
+
+FROZEN = [
+    "mlp_first_weight",
+    "mlp_first_layer",
+    "mlp_middle_weight",
+    "cnn_conv_and_bn_bias",
+    "cnn_bn_weight",
+]
+
+
+@pytest.mark.parametrize("kind", FROZEN)
+@pytest.mark.parametrize(("engine", "curvature"), ENGINE_CURVATURES, ids=EC_IDS)
+def test_frozen_parameters_are_excluded(oracles, kind, engine, curvature):
+    model, loss_fn, batch = _frozen_model(kind)
+    reference = oracles.dense(curvature, model, loss_fn, batch)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable < sum(p.numel() for p in model.parameters())
+    op = HessianOperator(model, loss_fn, batch, engine=engine, curvature=curvature)
+    assert op.dim == trainable == reference.shape[0]
+    block = oracles.random_block(op.dim, 3, seed=37)
+    assert oracles.rel_err(op @ block, reference @ block.double()) <= 1e-5
+
+
+def _shared_model():
+    gen = torch.Generator().manual_seed(41)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(41)
+        shared = nn.Linear(6, 6)
+        model = nn.Sequential(
+            nn.Linear(5, 6), nn.Tanh(), shared, nn.Sigmoid(), shared, nn.Tanh(), nn.Linear(6, 3)
+        )
+    batch = (torch.randn(7, 5, generator=gen), torch.randint(0, 3, (7,), generator=gen))
+    return model.eval(), nn.CrossEntropyLoss(), batch
+
+
+@pytest.mark.parametrize(("engine", "curvature"), ENGINE_CURVATURES, ids=EC_IDS)
+def test_shared_parameter_matches_oracle(oracles, engine, curvature):
+    """The same Linear twice in a Sequential: one slot in the flat vector, both uses count."""
+    model, loss_fn, batch = _shared_model()
+    reference = oracles.dense(curvature, model, loss_fn, batch)
+    before = _model_state(model)
+    op = HessianOperator(model, loss_fn, batch, engine=engine, curvature=curvature)
+    assert op.dim == 36 + 42 + 21 == reference.shape[0]
+    block = oracles.random_block(op.dim, 3, seed=43)
+    assert oracles.rel_err(op @ block, reference @ block.double()) <= 1e-5
+    _assert_untouched(model, before)
+
+
+@pytest.mark.parametrize(("engine", "curvature"), ENGINE_CURVATURES, ids=EC_IDS)
+def test_operator_leaves_model_untouched(oracles, engine, curvature):
+    model, loss_fn, batch = oracles.build_case("conv_bn2d_affine_adaptive")
+    model.train()
+    model[0][1].eval()  # mixed flags must come back exactly as they were
+    before = _model_state(model)
+    with pytest.warns(UserWarning, match="eval mode"):
+        op = HessianOperator(model, loss_fn, batch, engine=engine, curvature=curvature)
+    op @ oracles.random_block(op.dim, 2)
+    _assert_untouched(model, before)
+
+
+# ------------------------------------------------------------- counters and converters
+
+
+def test_n_products_counts_vectors(oracles):
+    op = _operator(oracles, "mlp_silu")
+    assert op.n_products == 0
+    op @ oracles.random_block(op.dim, 3)
+    assert op.n_products == 3
+    op @ oracles.random_block(op.dim, 1)[:, 0]
+    op.matvec(oracles.random_block(op.dim, 1)[:, 0])
+    op.matmat(oracles.random_block(op.dim, 8))
+    assert op.n_products == 13
+
+
+def test_matvec_shape(oracles):
+    op = _operator(oracles, "mlp_silu")
+    v = oracles.random_block(op.dim, 1)[:, 0]
+    out = op.matvec(v)
+    assert out.shape == (op.dim,) and out.dtype == torch.float32
+    torch.testing.assert_close(out, (op @ v[:, None])[:, 0], rtol=1e-6, atol=0)
+    assert op.shape == (op.dim, op.dim) and op.dtype == torch.float32
+    assert op.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="matvec takes a vector"):
+        op.matvec(v[:, None])
+
+
+def test_as_params(oracles):
+    model, loss_fn, batch = oracles.build_case("conv_bn2d_affine_adaptive")
+    model[0][0].bias.requires_grad_(False)
+    op = HessianOperator(model, loss_fn, batch)
+    v = torch.arange(op.dim, dtype=torch.float32)
+    pieces = op.as_params(v)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert list(pieces) == [n for n, _ in named]
+    offset = 0
+    for name, p in named:
+        assert pieces[name].shape == p.shape
+        torch.testing.assert_close(pieces[name].reshape(-1), v[offset : offset + p.numel()])
+        offset += p.numel()
+    assert offset == op.dim
+    with pytest.raises(ValueError, match="length"):
+        op.as_params(v[:-1])
+
+
+def test_to_scipy(oracles):
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("scipy")
+    op = _operator(oracles, "conv_stride2_pad1")
+    lin = op.to_scipy()
+    assert lin.shape == (op.dim, op.dim)
+    block = oracles.random_block(op.dim, 3, seed=47)
+    expected = (op @ block).double().numpy()
+    np.testing.assert_allclose(lin.matvec(block[:, 0].double().numpy()), expected[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(lin.matmat(block.double().numpy()), expected, rtol=1e-6)
+    np.testing.assert_allclose(lin @ block.double().numpy(), expected, rtol=1e-6)
+
+
+def test_one_call_hvp(oracles):
+    assert imc_kernels.hvp.HessianOperator is HessianOperator
+    assert imc_kernels.HessianOperator is HessianOperator
+    model, loss_fn, batch = oracles.build_case("conv_same_maxpool_ceil")
+    reference = oracles.dense("ggn", model, loss_fn, batch)
+    op = HessianOperator(copy.deepcopy(model), loss_fn, batch)
+    v = oracles.random_block(op.dim, 1, seed=53)[:, 0]
+    out = imc_kernels.hvp(model, loss_fn, batch, v)
+    assert out.shape == (op.dim,)
+    torch.testing.assert_close(out, op @ v, rtol=0, atol=0)
+    block = oracles.random_block(op.dim, 3, seed=59)
+    ggn = imc_kernels.hvp(model, loss_fn, batch, block, curvature="ggn", engine="func")
+    assert oracles.rel_err(ggn, reference @ block.double()) <= 1e-5
