@@ -91,6 +91,30 @@ def fused_unsupported_reason(
     return loss_unsupported_reason(loss_fn, tuple(output_shape), targets)
 
 
+# Monotone non-decreasing activations commute with max pooling: maxpool(act(z)) equals
+# act(maxpool(z)) everywhere, and the argmax is the same (for ReLU, windows with no positive
+# entry differ only where act' = 0). Pooling first runs the activation's tangent passes on a
+# quarter of the elements (2x2 windows): for the CNN of the benchmarks that removes two of the
+# largest elementwise passes of every product.
+_COMMUTES_WITH_MAXPOOL = ("relu", "tanh", "sigmoid")
+
+
+def _commutes_with_maxpool(module: nn.Module) -> bool:
+    kind = activation_kind(module)
+    if kind is None:
+        return False
+    return kind[0] in _COMMUTES_WITH_MAXPOOL or (kind[0] == "leaky_relu" and kind[1] >= 0)
+
+
+def commute_activation_maxpool(leaves: list[nn.Module]) -> list[nn.Module]:
+    """Reorder every (monotone activation, MaxPool2d) pair to (MaxPool2d, activation)."""
+    order = list(leaves)
+    for i in range(len(order) - 1):
+        if _commutes_with_maxpool(order[i]) and isinstance(order[i + 1], nn.MaxPool2d):
+            order[i], order[i + 1] = order[i + 1], order[i]
+    return order
+
+
 def _make_rule(module: nn.Module, curvature: str) -> LayerRule:
     if isinstance(module, nn.Conv2d):
         return Conv2dRule(module, curvature)
@@ -116,7 +140,8 @@ class FusedEngine:
         curvature: str,
     ):
         self.layout = layout
-        self.rules = [_make_rule(m, curvature) for m in leaf_modules(model)]
+        leaves = commute_activation_maxpool(leaf_modules(model))
+        self.rules = [_make_rule(m, curvature) for m in leaves]
         slot = {id(p): i for i, p in enumerate(layout.params)}
         # For each rule, the flat-layout slot of each of its parameters (None: frozen).
         self.param_slots = [

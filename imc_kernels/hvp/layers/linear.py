@@ -60,8 +60,10 @@ class LinearRule(LayerRule):
         if self.rx is None and d_weight is None and d_bias is None:
             return None  # frozen layer on the network input: no tangent flows yet
         rows, (m, k) = self.x.shape[0], weight.shape
-        b = next(t.shape[0] for t in (d_weight, d_bias) if t is not None) if rx is None else (
-            rx.shape[1]
+        b = (
+            next(t.shape[0] for t in (d_weight, d_bias) if t is not None)
+            if rx is None
+            else (rx.shape[1])
         )
         if d_weight is not None:
             ry = (self.x @ d_weight.reshape(b * m, k).T).view(rows, b, m)
