@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from imc_kernels.hvp._common import ParamLayout, call_model
+from imc_kernels.hvp._common import ParamLayout, call_model, is_mse
 
 
 class FuncEngine:
@@ -42,6 +42,8 @@ class FuncEngine:
 
         def output_of(params):
             return call_model(_Functional(model, params, frozen), inputs)
+
+        loss_fn = _functional_loss(loss_fn)
 
         def loss_of(params):
             return loss_fn(output_of(params), targets)
@@ -75,11 +77,36 @@ class FuncEngine:
         return [out[name] for name in self.layout.names]
 
 
+def _functional_loss(loss_fn: Callable) -> Callable:
+    """``loss_fn``, with MSE written out: ``jvp(grad(mse_loss))`` with mean reduction fails
+    inside torch.func ("ZeroTensors are immutable", pytorch#123996)."""
+    if not is_mse(loss_fn):
+        return loss_fn
+    reduction = getattr(loss_fn, "reduction", "mean")
+
+    def mse(output, targets):
+        squares = (output - targets) ** 2
+        return squares.mean() if reduction == "mean" else squares.sum()
+
+    return mse
+
+
 class _Functional:
-    """Calls ``model`` with substituted parameters through ``functional_call``."""
+    """Calls ``model`` with substituted parameters through ``functional_call``.
+
+    A module reachable under two names (the same Linear used twice) has its parameter slot
+    swapped twice by ``functional_call``, and the restore leaves a functorch wrapper behind
+    (pytorch#164759); every module's slots are snapshotted and put back after the call.
+    """
 
     def __init__(self, model: nn.Module, params: dict, frozen: dict):
         self.model, self.params, self.frozen = model, params, frozen
 
     def __call__(self, *args, **kwargs):
-        return functional_call(self.model, (self.params, self.frozen), args, kwargs)
+        saved = [(m, dict(m._parameters), dict(m._buffers)) for m in self.model.modules()]
+        try:
+            return functional_call(self.model, (self.params, self.frozen), args, kwargs)
+        finally:
+            for module, parameters, buffers in saved:
+                module._parameters.update(parameters)
+                module._buffers.update(buffers)

@@ -149,9 +149,9 @@ class FusedEngine:
             for rule in self.rules
         ]
         has_params = [any(s is not None for s in slots) for slots in self.param_slots]
-        first = has_params.index(True) if any(has_params) else len(self.rules)
-        # Rule i needs the input gradient only when a rule before it has trainable params.
-        self.need_input_grad = [i > first for i in range(len(self.rules))]
+        # Backward passes stop at the first rule with trainable parameters: nothing before it
+        # has a product to receive, and that rule needs no input gradient.
+        self.first = has_params.index(True) if any(has_params) else len(self.rules)
         with torch.no_grad():
             h = inputs
             for rule in self.rules:
@@ -163,8 +163,8 @@ class FusedEngine:
             self.loss_rule = make_loss_rule(loss_fn)
             self.loss, g = self.loss_rule.primal(h, targets)
             self.output = h
-            for rule, need in zip(reversed(self.rules), reversed(self.need_input_grad)):
-                g = rule.primal_backward(g, need)
+            for i in range(len(self.rules) - 1, self.first - 1, -1):
+                g = self.rules[i].primal_backward(g, i > self.first)
 
     def matmat(self, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per parameter ``(b, *shape)`` tangents -> per parameter ``(b, *shape)`` products."""
@@ -175,11 +175,9 @@ class FusedEngine:
                 r = rule.tangent_forward(r, [None if s is None else tangents[s] for s in slots])
             rg = self.loss_rule.tangent(r)
             products: list[torch.Tensor | None] = [None] * len(tangents)
-            for rule, slots, need in zip(
-                reversed(self.rules), reversed(self.param_slots), reversed(self.need_input_grad)
-            ):
-                rg, hv = rule.tangent_backward(rg, need)
-                for s, piece in zip(slots, hv):
+            for i in range(len(self.rules) - 1, self.first - 1, -1):
+                rg, hv = self.rules[i].tangent_backward(rg, i > self.first)
+                for s, piece in zip(self.param_slots[i], hv):
                     if s is None or piece is None:
                         continue
                     products[s] = piece if products[s] is None else products[s] + piece

@@ -156,7 +156,18 @@ class HessianOperator:
                 return "fused", "every module and the loss have fused rules"
             if engine == "fused":
                 raise ValueError(f"engine='fused' cannot run this model: {reason}")
+            if self.mode == "train" and stochastic_modules(self.model):
+                # Train-mode Dropout draws random masks and BatchNorm writes its running
+                # statistics, neither of which torch.func transforms allow; the gradient graph
+                # of double_backward is built once, so all products share one dropout mask.
+                return "double_backward", f"mode='train' with Dropout/BatchNorm ({reason})"
             return "func", f"fused engine unavailable: {reason}"
+        if engine == "func" and self.mode == "train" and stochastic_modules(self.model):
+            raise ValueError(
+                "engine='func' cannot run mode='train' with Dropout/BatchNorm (torch.func "
+                "forbids random masks and running-statistic updates inside its transforms); "
+                "use engine='double_backward' or mode='eval'"
+            )
         return engine, "requested"
 
     @contextlib.contextmanager
@@ -260,7 +271,19 @@ def hvp(model: nn.Module, loss_fn: Callable | None, batch, v: torch.Tensor, **kw
 
 @contextlib.contextmanager
 def _model_mode(model: nn.Module, mode: str) -> Iterator[None]:
-    if mode == "train" or not model.training and not any(m.training for m in model.modules()):
+    if mode == "train":
+        # Train-mode forwards update BatchNorm running statistics; the operator observes the
+        # model and leaves its buffers as they were.
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        try:
+            yield
+        finally:
+            # Through .data: the double_backward graph records the buffers' versions, and in
+            # train mode BatchNorm only writes its running statistics, never reads them.
+            for buffer, saved in buffers:
+                buffer.data.copy_(saved)
+        return
+    if not any(m.training for m in model.modules()):
         yield
         return
     previous = [(m, m.training) for m in model.modules()]

@@ -4,7 +4,8 @@ The oracles share no code with the engines: a float64 deep copy of the model, ev
 eval mode through ``torch.func.functional_call`` on a flat parameter vector (trainable
 parameters only, in ``model.parameters()`` order), differentiated densely:
 
-* ``dense_hessian``: ``torch.func.hessian`` of the loss with respect to that vector;
+* ``dense_hessian``: ``torch.func.hessian`` of the loss with respect to that vector (checked
+  symmetric; an unbatched column-by-column variant for models where a batching rule fails);
 * ``dense_ggn``: ``J^T H_L J`` with ``J = jacrev(outputs)`` and ``H_L = hessian(loss)`` with
   respect to the outputs.
 
@@ -26,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, hessian, jacrev
+from torch.func import functional_call, grad, hessian, jacrev, jvp
 
 # ----------------------------------------------------------------------------- oracles
 
@@ -67,14 +68,38 @@ def _functional(model: nn.Module, batch):
 
 def flat_params(model: nn.Module) -> torch.Tensor:
     """The trainable parameters as one float64 vector in ``model.parameters()`` order."""
-    return torch.cat([p.detach().double().reshape(-1) for p in model.parameters() if p.requires_grad])
+    return torch.cat(
+        [p.detach().double().reshape(-1) for p in model.parameters() if p.requires_grad]
+    )
 
 
-def dense_hessian(model: nn.Module, loss_fn: Callable, batch) -> torch.Tensor:
-    """``d^2 loss / dw^2`` (dim x dim, float64) over the trainable parameters."""
+def dense_hessian(model: nn.Module, loss_fn: Callable, batch, *, vectorize: bool = True):
+    """``d^2 loss / dw^2`` (dim x dim, float64) over the trainable parameters.
+
+    ``vectorize=True`` is ``torch.func.hessian`` (``jacfwd(jacrev)``: one vmapped pass over
+    the basis). Some second-order batching rules are wrong (LayerNorm's backward,
+    pytorch/functorch#534: an asymmetric result off by ~10%), so the result must be symmetric
+    or this raises; ``vectorize=False`` builds the same matrix one unbatched
+    ``jvp(grad)`` column at a time, for such models.
+    """
     loss_fn = resolve_loss(loss_fn, batch)
     flat0, output_of, targets = _functional(model, batch)
-    return hessian(lambda flat: loss_fn(output_of(flat), targets))(flat0)
+
+    def loss_of(flat):
+        return loss_fn(output_of(flat), targets)
+
+    if vectorize:
+        mat = hessian(loss_of)(flat0)
+    else:
+        basis = torch.eye(flat0.numel(), dtype=torch.float64)
+        mat = torch.stack([jvp(grad(loss_of), (flat0,), (e,))[1] for e in basis], dim=1)
+    asymmetry = float((mat - mat.T).norm() / mat.norm())
+    if asymmetry > 1e-10:
+        raise AssertionError(
+            f"the oracle Hessian is not symmetric ({asymmetry:.1e}): a batching rule is wrong "
+            "for this model; use vectorize=False"
+        )
+    return mat
 
 
 def dense_ggn(model: nn.Module, loss_fn: Callable, batch) -> torch.Tensor:
@@ -88,8 +113,10 @@ def dense_ggn(model: nn.Module, loss_fn: Callable, batch) -> torch.Tensor:
     return jac.T @ h_out @ jac
 
 
-def dense(curvature: str, model: nn.Module, loss_fn: Callable, batch) -> torch.Tensor:
-    return (dense_hessian if curvature == "hessian" else dense_ggn)(model, loss_fn, batch)
+def dense(curvature: str, model: nn.Module, loss_fn: Callable, batch, **kwargs) -> torch.Tensor:
+    if curvature == "hessian":
+        return dense_hessian(model, loss_fn, batch, **kwargs)
+    return dense_ggn(model, loss_fn, batch)
 
 
 def rel_err(result: torch.Tensor, reference: torch.Tensor) -> float:
@@ -237,7 +264,9 @@ CASES: dict[str, Callable] = {
     # Losses.
     "ce_sum": _mlp_loss(nn.CrossEntropyLoss(reduction="sum"), "ce"),
     "ce_ignore_index": _mlp_loss(nn.CrossEntropyLoss(), "ignore"),
-    "ce_ignore_index_sum": _mlp_loss(nn.CrossEntropyLoss(ignore_index=2, reduction="sum"), "ignore"),
+    "ce_ignore_index_sum": _mlp_loss(
+        nn.CrossEntropyLoss(ignore_index=2, reduction="sum"), "ignore"
+    ),
     "ce_functional": _mlp_loss(F.cross_entropy, "ce"),
     "mse_mean": _mlp_loss(nn.MSELoss(), "mse"),
     "mse_sum": _mlp_loss(nn.MSELoss(reduction="sum"), "mse"),
@@ -247,10 +276,16 @@ CASES: dict[str, Callable] = {
         lambda: nn.Conv2d(3, 5, 3, dilation=2, padding=1), nn.Tanh, lambda: nn.AvgPool2d(2)
     ),
     "conv_groups2_nobias_maxpool_overlap": _cnn(
-        lambda: nn.Conv2d(4, 6, 3, groups=2, bias=False), nn.SiLU, lambda: nn.MaxPool2d(2, 1), in_ch=4
+        lambda: nn.Conv2d(4, 6, 3, groups=2, bias=False),
+        nn.SiLU,
+        lambda: nn.MaxPool2d(2, 1),
+        in_ch=4,
     ),
     "conv_same_maxpool_ceil": _cnn(
-        lambda: nn.Conv2d(2, 3, 3, padding="same"), nn.GELU, lambda: nn.MaxPool2d(2, ceil_mode=True), in_ch=2
+        lambda: nn.Conv2d(2, 3, 3, padding="same"),
+        nn.GELU,
+        lambda: nn.MaxPool2d(2, ceil_mode=True),
+        in_ch=2,
     ),
     "conv_bn2d_affine_adaptive": _cnn(
         lambda: nn.Conv2d(3, 4, 2),
@@ -267,7 +302,11 @@ CASES: dict[str, Callable] = {
         loss="mse",
     ),
     "maxpool_pad_dilation": _cnn(
-        lambda: nn.Conv2d(2, 3, 2), nn.Tanh, lambda: nn.MaxPool2d(3, 2, padding=1, dilation=2), in_ch=2, size=8
+        lambda: nn.Conv2d(2, 3, 2),
+        nn.Tanh,
+        lambda: nn.MaxPool2d(3, 2, padding=1, dilation=2),
+        in_ch=2,
+        size=8,
     ),
     "avgpool_pad_ceil_nocount": _cnn(
         lambda: nn.Conv2d(2, 3, 2),
@@ -281,7 +320,27 @@ CASES: dict[str, Callable] = {
         lambda: nn.AvgPool2d((2, 3), (1, 2), divisor_override=5),
         in_ch=2,
     ),
-    "pool_first": _cnn(lambda: nn.MaxPool2d(2), lambda: nn.Conv2d(2, 3, 2), nn.Sigmoid, in_ch=2, size=8),
+    # Monotone activations before max pooling (the fused engine pools first), a non-monotone
+    # one (negative slope: must not be reordered), overlapping and padded windows.
+    "conv_relu_maxpool_twice": _cnn(
+        lambda: nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU,
+        lambda: nn.MaxPool2d(2),
+        lambda: nn.Conv2d(4, 3, 2),
+        lambda: nn.LeakyReLU(0.1),
+        lambda: nn.MaxPool2d(2, 1),
+        in_ch=2,
+        size=8,
+    ),
+    "conv_sigmoid_maxpool_pad_overlap": _cnn(
+        lambda: nn.Conv2d(2, 3, 2), nn.Sigmoid, lambda: nn.MaxPool2d(3, 1, padding=1), in_ch=2
+    ),
+    "conv_leaky_negative_slope_maxpool": _cnn(
+        lambda: nn.Conv2d(2, 3, 2), lambda: nn.LeakyReLU(-0.3), lambda: nn.MaxPool2d(2), in_ch=2
+    ),
+    "pool_first": _cnn(
+        lambda: nn.MaxPool2d(2), lambda: nn.Conv2d(2, 3, 2), nn.Sigmoid, in_ch=2, size=8
+    ),
     # Two convolutions: the second sees an input tangent, which exercises the cross terms
     # (conv_w(rx, g_y), conv_x(g_y, dW)), grouped and strided.
     "conv_conv_groups_stride": _cnn(

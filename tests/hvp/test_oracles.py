@@ -42,10 +42,13 @@ def test_linear_softmax_closed_form(oracles):
     x = torch.randn(6, 5, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (6,), generator=gen)
     p = torch.softmax(x @ model.weight.detach().double().T, dim=1)
-    expected = sum(
-        torch.kron(torch.diag(p[n]) - torch.outer(p[n], p[n]), torch.outer(x[n], x[n]))
-        for n in range(6)
-    ) / 6
+    expected = (
+        sum(
+            torch.kron(torch.diag(p[n]) - torch.outer(p[n], p[n]), torch.outer(x[n], x[n]))
+            for n in range(6)
+        )
+        / 6
+    )
     hess = oracles.dense_hessian(model, nn.CrossEntropyLoss(), (x, y))
     ggn = oracles.dense_ggn(model, nn.CrossEntropyLoss(), (x, y))
     torch.testing.assert_close(hess, expected, rtol=1e-12, atol=1e-14)
@@ -75,3 +78,10 @@ def test_oracle_is_symmetric_and_leaves_model_alone(oracles, case_name):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_unbatched_oracle_agrees(oracles):
+    model, loss_fn, batch = oracles.build_case("conv_bn2d_affine_adaptive")
+    batched = oracles.dense_hessian(model, loss_fn, batch)
+    looped = oracles.dense_hessian(model, loss_fn, batch, vectorize=False)
+    torch.testing.assert_close(batched, looped, rtol=1e-10, atol=1e-12)

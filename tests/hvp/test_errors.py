@@ -1,0 +1,244 @@
+"""Bad input gets a clear exception naming the problem (DESIGN section 7), and train-mode
+models get a warning; one test per case."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from imc_kernels import HessianOperator
+
+ENGINES = ("fused", "func", "double_backward")
+
+
+def _problem(n=6, n_in=5, n_out=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(n_in, 7), nn.Tanh(), nn.Linear(7, n_out))
+    x = torch.randn(n, n_in, generator=gen)
+    y = torch.randint(0, n_out, (n,), generator=gen)
+    return model, (x, y)
+
+
+# ---------------------------------------------------------------------------- the batch
+
+
+@pytest.mark.parametrize("batch", ["tensor", "triple", "none"])
+def test_batch_must_be_a_pair(batch):
+    model, (x, y) = _problem()
+    bad = {"tensor": x, "triple": (x, y, y), "none": None}[batch]
+    with pytest.raises(ValueError, match="pair"):
+        HessianOperator(model, None, bad)
+
+
+def test_batch_that_does_not_fit_the_model():
+    model, (x, y) = _problem()
+    with pytest.raises(ValueError, match=r"forward failed.*\(6, 3\)"):
+        HessianOperator(model, None, (x[:, :3], y))
+
+
+def test_inputs_and_targets_of_different_batch_sizes():
+    model, (x, y) = _problem()
+    with pytest.raises(ValueError, match="6 samples.*batch size"):
+        HessianOperator(model, None, (x, y[:4]))
+
+
+def test_batch_on_another_device():
+    model, (x, y) = _problem()
+    with pytest.raises(TypeError, match="meta"):
+        HessianOperator(model, None, (x.to("meta"), y))
+
+
+def test_no_trainable_parameters():
+    model, batch = _problem()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        HessianOperator(model, None, batch)
+
+
+@pytest.mark.parametrize("where", ["inputs", "parameter"])
+def test_non_finite_loss(where):
+    model, (x, y) = _problem()
+    if where == "inputs":
+        x[2, 1] = float("nan")
+    else:
+        with torch.no_grad():
+            model[2].weight[1, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="loss is not finite"):
+        HessianOperator(model, None, (x, y))
+
+
+def test_cross_entropy_all_rows_ignored():
+    model, (x, y) = _problem()
+    with pytest.raises(FloatingPointError, match="loss is not finite"):
+        HessianOperator(model, None, (x, torch.full_like(y, -100)))
+
+
+@pytest.mark.parametrize("bad", [4, 9, -1, -7])
+def test_cross_entropy_targets_out_of_range(bad):
+    model, (x, y) = _problem()
+    y[3] = bad
+    with pytest.raises(ValueError, match=rf"\[0, 4\).*{bad}"):
+        HessianOperator(model, None, (x, y))
+
+
+def test_cross_entropy_ignored_rows_are_not_out_of_range():
+    model, (x, y) = _problem()
+    y[3] = -100
+    op = HessianOperator(model, None, (x, y))
+    assert torch.isfinite(op @ torch.ones(op.dim)).all()
+
+
+def test_mse_targets_of_the_wrong_shape():
+    model, (x, _) = _problem()
+    with pytest.raises(ValueError, match=r"MSE targets have shape \(6, 3\)"):
+        HessianOperator(model, nn.MSELoss(), (x, torch.randn(6, 3)))
+
+
+# ------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"curvature": "fisher"}, "curvature must be one of"),
+        ({"engine": "jax"}, "engine must be one of"),
+        ({"mode": "inference"}, "mode must be one of"),
+        (
+            {"engine": "double_backward", "curvature": "ggn"},
+            "double_backward.*Hessian products only",
+        ),
+    ],
+    ids=["curvature", "engine", "mode", "double_backward-ggn"],
+)
+def test_bad_arguments(kwargs, match):
+    model, batch = _problem()
+    with pytest.raises(ValueError, match=match):
+        HessianOperator(model, None, batch, **kwargs)
+
+
+def test_model_and_loss_types():
+    model, batch = _problem()
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        HessianOperator(lambda x: x, None, batch)
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        HessianOperator(model, "cross_entropy", batch)
+
+
+# ------------------------------------------------------------------------- the vectors
+
+
+@pytest.fixture(scope="module")
+def operator():
+    model, batch = _problem()
+    return HessianOperator(model, None, batch)
+
+
+def test_vector_of_wrong_length(operator):
+    with pytest.raises(ValueError, match=f"length {operator.dim - 1}.*{operator.dim} trainable"):
+        operator @ torch.zeros(operator.dim - 1)
+    with pytest.raises(ValueError, match="length"):
+        operator @ torch.zeros(operator.dim + 2, 3)
+
+
+def test_vector_of_wrong_rank(operator):
+    with pytest.raises(ValueError, match=r"shape \(dim,\) or \(dim, b\)"):
+        operator @ torch.zeros(operator.dim, 2, 1)
+
+
+def test_vector_of_wrong_dtype(operator):
+    with pytest.raises(TypeError, match="float64.*float32"):
+        operator @ torch.zeros(operator.dim, dtype=torch.float64)
+
+
+def test_vector_on_wrong_device(operator):
+    with pytest.raises(TypeError, match="meta"):
+        operator @ torch.zeros(operator.dim, device="meta")
+
+
+def test_vector_not_a_tensor(operator):
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        operator.matmat([0.0] * operator.dim)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_non_finite_product(engine, value):
+    model, batch = _problem()
+    op = HessianOperator(model, None, batch, engine=engine)
+    block = torch.ones(op.dim, 3)
+    block[5, 1] = value
+    with pytest.raises(FloatingPointError, match=f"{engine} engine.*not finite"):
+        op @ block
+    assert op.n_products == 0
+    unchecked = HessianOperator(model, None, batch, engine=engine, check_finite=False)
+    assert not torch.isfinite(unchecked @ block).all()
+
+
+# ------------------------------------------------------------------------- train mode
+
+
+def _train_model(kind):
+    gen = torch.Generator().manual_seed(3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        middle = nn.Dropout(0.5) if kind == "dropout" else nn.BatchNorm1d(7)
+        model = nn.Sequential(nn.Linear(5, 7), middle, nn.Tanh(), nn.Linear(7, 3))
+    batch = (torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+    return model.train(), batch
+
+
+@pytest.mark.parametrize("kind", ["dropout", "batchnorm"])
+def test_train_mode_model_warns_and_is_restored(kind):
+    model, batch = _train_model(kind)
+    model[2].eval()  # mixed flags come back exactly
+    flags = [m.training for m in model.modules()]
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    with pytest.warns(UserWarning, match="eval mode"):
+        op = HessianOperator(model, None, batch)
+    assert [m.training for m in model.modules()] == flags
+    assert op.engine == "fused"
+    first = op @ torch.ones(op.dim, 2)
+    assert torch.equal(first, op @ torch.ones(op.dim, 2))  # eval mode: deterministic
+    assert [m.training for m in model.modules()] == flags
+    # Running statistics are read, never updated.
+    assert all(torch.equal(v, dict(model.named_buffers())[k]) for k, v in buffers.items())
+
+
+def test_eval_mode_model_does_not_warn(recwarn):
+    model, batch = _train_model("dropout")
+    HessianOperator(model.eval(), None, batch)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+@pytest.mark.parametrize("kind", ["dropout", "batchnorm"])
+def test_train_mode_warns_not_deterministic(kind):
+    model, batch = _train_model(kind)
+    with pytest.warns(UserWarning, match="not deterministic"):
+        op = HessianOperator(model, None, batch, mode="train", engine="double_backward")
+    assert model.training
+    assert op @ torch.ones(op.dim, 3) is not None
+
+
+@pytest.mark.parametrize("kind", ["dropout", "batchnorm"])
+def test_train_mode_products_with_auto_engine(kind):
+    """mode='train' is a documented mode, and auto picks func for it: products must run.
+
+    BatchNorm in train mode (batch statistics) is deterministic, so the func products must
+    equal the double_backward ones; Dropout draws masks, so only shape and finiteness hold.
+    """
+    model, batch = _train_model(kind)
+    with pytest.warns(UserWarning, match="not deterministic"):
+        op = HessianOperator(model, None, batch, mode="train")
+    block = torch.randn(op.dim, 3, generator=torch.Generator().manual_seed(5))
+    out = op @ block
+    assert out.shape == (op.dim, 3) and torch.isfinite(out).all()
+    if kind == "batchnorm":
+        with pytest.warns(UserWarning):
+            reference = (
+                HessianOperator(model, None, batch, mode="train", engine="double_backward") @ block
+            )
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
