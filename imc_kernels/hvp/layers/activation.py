@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from imc_kernels import ops
+from imc_kernels import _dispatch, ops
 from imc_kernels.hvp.layers.base import LayerRule
+from imc_kernels.reference import activation as reference
 
 
 def activation_kind(module: nn.Module) -> tuple[str, float] | None:
@@ -42,6 +43,16 @@ class ActivationRule(LayerRule):
 
     def primal_forward(self, x):
         self.z = x
+        # act'(z) and act''(z) are primal quantities: on the reference path (CPU) compute them
+        # once per operator instead of once per product. The Triton kernels recompute them in
+        # registers from z, which reads no more bytes than a cached derivative would.
+        backend = _dispatch.select(
+            "activation", x.device, x.dtype, available=("triton", "reference")
+        )
+        self.derivatives = None
+        if backend == "reference":
+            d1, d2 = reference.derivatives(x, self.kind, self.negative_slope, self.hessian)
+            self.derivatives = (d1.unsqueeze(1), None if d2 is None else d2.unsqueeze(1))
         a, _ = ops.activation_jvp(
             x, x.new_empty((0, *x.shape)), self.kind, negative_slope=self.negative_slope
         )
@@ -67,6 +78,8 @@ class ActivationRule(LayerRule):
         self.rz = rx
         if rx is None:
             return None
+        if self.derivatives is not None:
+            return rx * self.derivatives[0]
         _, ra = ops.activation_jvp(
             self.z,
             _block_first(rx),
@@ -79,6 +92,12 @@ class ActivationRule(LayerRule):
     def tangent_backward(self, rg_y, need_input_grad):
         if not need_input_grad:
             return None, []
+        if self.derivatives is not None:
+            d1, d2 = self.derivatives
+            rg_z = rg_y * d1
+            if d2 is not None and self.rz is not None:
+                rg_z += self.rz * (d2 * self.g_a.unsqueeze(1))
+            return rg_z, []
         # Without a forward tangent (rz = 0) the second-derivative term vanishes.
         curvature = "hessian" if self.hessian and self.rz is not None else "ggn"
         _, rg_z = ops.activation_hvp_backward(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from imc_kernels import ops
+from imc_kernels import _dispatch, ops
 from imc_kernels.hvp._common import is_cross_entropy, is_mse
 
 
@@ -59,9 +59,20 @@ class CrossEntropyRule:
             scale=self.scale,
             ignore_index=self.ignore_index,
         )
+        self.p_masked = None
+        backend = _dispatch.select(
+            "cross_entropy", z.device, z.dtype, available=("triton", "reference")
+        )
+        if backend == "reference":
+            valid = (targets != self.ignore_index).unsqueeze(1)
+            self.p_masked = torch.where(valid, torch.softmax(z, dim=1), 0.0)
         return row_loss.sum() * self.scale, g_z
 
     def tangent(self, rz):
+        if self.p_masked is not None:
+            # Reference path with the softmax cached at primal time (a primal quantity).
+            p = self.p_masked.unsqueeze(1)
+            return (p * rz - p * (p * rz).sum(dim=2, keepdim=True)) * self.scale
         # The kernel takes (b, N, C); the engine's tangents are (N, b, C).
         _, _, rg = ops.cross_entropy_hvp(
             self.z,
