@@ -36,6 +36,9 @@ from imc_kernels import ops
 
 # tsmm_xty takes at most this many columns per operand; wider operands are split.
 _TSMM_MAX_COLUMNS = 512
+# On CPU, x^T y with m * b at most this (and both at most 8 columns) is upcast to float64
+# and multiplied by LAPACK rather than by the op (see xty).
+_UPCAST_MAX_PRODUCT = 8
 
 
 class RankInfo(NamedTuple):
@@ -69,10 +72,38 @@ def default_rank_tol(dtype: torch.dtype) -> float:
     return 100.0 * torch.finfo(dtype).eps
 
 
+def _row_major_parent(x: torch.Tensor) -> torch.Tensor | None:
+    """The full-width rows of a leading-column view of a row-major buffer, if cheaper to read.
+
+    The Lanczos basis lives in one row-major ``(n, M)`` buffer and the solver projects against
+    its first ``m`` columns, a view with row stride ``M``. The op needs contiguous operands,
+    so it would first copy the view (read ``m`` columns, write them, read them again: about
+    ``3 m`` columns of traffic; measured 83 of 145 ms on CPU for ``n`` = 266,610, ``m`` = 33).
+    Reading the whole rows instead costs ``M`` columns and needs no copy (taken while
+    ``M <= 3 m + 32``); the extra output rows
+    are dropped, and each output row depends only on its own column of ``x``, so whatever the
+    unused columns hold (finite or not) cannot reach the kept rows.
+    """
+    n, m = x.shape
+    if n < 2 or x.stride(1) != 1 or x.stride(0) <= m:
+        return None
+    width = x.stride(0)
+    # A strided copy touches the same cache lines as the whole rows when they are short
+    # (32 floats are two 64-byte lines), hence the additive slack.
+    if width > 3 * m + 32:
+        return None
+    storage_elements = x.untyped_storage().nbytes() // x.element_size()
+    if x.storage_offset() + n * width > storage_elements:
+        return None
+    return x.as_strided((n, width), (width, 1))
+
+
 def xty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x.T @ y`` accumulated in float64 through :func:`imc_kernels.ops.tsmm_xty`.
 
-    Splits operands wider than the op's 512-column limit and accepts empty operands.
+    Splits operands wider than the op's 512-column limit and accepts empty operands. A view of
+    the leading columns of a row-major buffer is read through its full rows rather than copied
+    (:func:`_row_major_parent`).
 
     Args:
         x: ``(n, m)``.
@@ -84,8 +115,22 @@ def xty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     m, b = x.shape[1], y.shape[1]
     if m == 0 or b == 0 or x.shape[0] == 0:
         return torch.zeros(m, b, dtype=torch.float64, device=x.device)
-    if m <= _TSMM_MAX_COLUMNS and b <= _TSMM_MAX_COLUMNS:
-        return ops.tsmm_xty(x, y)
+    if x.device.type == "cpu" and m * b <= _UPCAST_MAX_PRODUCT and max(m, b) <= 8:
+        # The op's CPU micro-kernel pads both operands to 4 x 8 columns and has a fixed
+        # cost of ~2.5 ms at n = 266,610 on one core, whatever the width; for these widths
+        # the upcast copies are smaller than that (measured, 1 thread: 1 x 1 0.5 ms against
+        # 3.1 ms, 2 x 1 0.6 against 3.1, 8 x 1 2.3 against 3.0; 4 x 4 loses, 3.2 against
+        # 2.6). Same arithmetic: fp32 values, fp64 products and sums (the op's reference).
+        return x.to(torch.float64).T @ y.to(torch.float64)
+    wide = _row_major_parent(x)
+    source = x if wide is None else wide
+    if source.shape[1] <= _TSMM_MAX_COLUMNS and b <= _TSMM_MAX_COLUMNS:
+        if b <= 4 and b < m:
+            # (y^T x)^T: the op's micro-kernel pads its second operand to 8 columns, so a
+            # narrow y goes first (measured, 1 thread, n = 266,610: 32 x 1 7.3 against 8.5 ms,
+            # 128 x 1 21 against 27 ms).
+            return ops.tsmm_xty(y, source)[:, :m].T.contiguous()
+        return ops.tsmm_xty(source, y)[:m]
     rows = []
     for i in range(0, m, _TSMM_MAX_COLUMNS):
         xi = x[:, i : i + _TSMM_MAX_COLUMNS]
@@ -223,6 +268,14 @@ def cholqr2(
     return q, r2 @ r1, info1._replace(deficient=deficient)
 
 
+# DGKS threshold (Daniel, Gragg, Kaufman and Stewart 1976): a second projection is needed
+# only when the first removed more than 1 - eta of a column's norm, i.e. when cancellation
+# may have left components along the basis above rounding level. 1/sqrt(2) is their value
+# (also ARPACK's and SLEPc's).
+DGKS_ETA = 0.7071067811865476
+SECOND_PROJECTION = ("always", "auto")
+
+
 def block_orthonormalize(
     basis: torch.Tensor,
     block: torch.Tensor,
@@ -231,21 +284,34 @@ def block_orthonormalize(
     tau: float | None = None,
     out: torch.Tensor | None = None,
     work: torch.Tensor | None = None,
+    prior_norms_sq: torch.Tensor | None = None,
+    second_projection: str = "always",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, RankInfo]:
     """Orthonormalize ``block`` against ``basis`` and itself: BCGS2 with Cholesky QR.
 
     Pass 1: ``W1 = W - V C1``, ``W1 = Q1 R1``; pass 2: ``Q1 = V C2 + W2``, ``W2 = Q R2``.
-    Hence ``W = V (C1 + C2 R1) + Q (R2 R1)``. Nothing synchronizes with the host.
+    Hence ``W = V (C1 + C2 R1) + Q (R2 R1)``. Nothing synchronizes with the host unless
+    ``second_projection="auto"``.
 
     Args:
         basis: ``(n, m)`` orthonormal columns (``m`` may be 0).
         block: ``(n, b)``; overwritten with ``W1`` (the block after the first projection),
             which the caller can use to repair a deficient block.
         reference: ``(b,)`` float64 norms the rank check compares against; default: the
-            norms of the columns of ``block`` before the projection.
+            norms of the columns of ``block`` before the projection, enlarged by
+            ``prior_norms_sq``.
         tau: rank tolerance, default :func:`default_rank_tol`.
         out: optional ``(n, b)`` destination for ``Q``.
         work: optional ``(n, b)`` scratch for ``Q1``.
+        prior_norms_sq: ``(b,)`` float64 squared norms of parts the caller already projected
+            out of ``block`` (along columns orthonormal to what is left), so the default
+            reference is the norm of the block as it was before that.
+        second_projection: ``"always"`` (BCGS2) or ``"auto"``: project a second time only
+            when some column kept less than :data:`DGKS_ETA` of its norm in the first
+            projection, or when the block's own columns are nearly dependent (the first
+            Cholesky factor's diagonal, relative to the column norms, below the same
+            threshold). ``"auto"`` reads that test on the host (one synchronization); pass
+            2's Cholesky QR of the block itself always runs.
 
     Returns:
         ``(C, Q, B, C1, rank_info)``: ``C = C1 + C2 R1`` ``(m, b)`` and ``B = R2 R1``
@@ -253,15 +319,30 @@ def block_orthonormalize(
         matching ``W1``); and the rank check of pass 1 (a deficient block's ``Q`` is
         meaningless).
     """
+    if second_projection not in SECOND_PROJECTION:
+        raise ValueError(
+            f"second_projection must be one of {SECOND_PROJECTION}, got {second_projection!r}"
+        )
     tau = default_rank_tol(block.dtype) if tau is None else tau
     c1 = project_out(basis, block)
     gram1 = xty(block, block)
+    # ||w_i||^2 = ||V^T w_i||^2 + ||w_i - V V^T w_i||^2 for orthonormal V: no extra pass.
+    norms_sq = (c1.square().sum(0) + gram1.diagonal()).clamp_min(0)
     if reference is None:
-        # ||w_i||^2 = ||V^T w_i||^2 + ||w_i - V V^T w_i||^2 for orthonormal V: no extra pass.
-        reference = (c1.square().sum(0) + gram1.diagonal()).clamp_min(0).sqrt()
+        total = norms_sq if prior_norms_sq is None else norms_sq + prior_norms_sq
+        reference = total.sqrt()
     r1, r1_inv, info = _cholesky_factor(gram1, reference, tau)
     q1 = torch.matmul(block, r1_inv.to(block.dtype), out=work)
-    c2 = project_out(basis, q1)
+    project = True
+    if second_projection == "auto" and basis.shape[1] > 0:
+        # R1_ii <= ||w1_i|| <= ||w_i||: one ratio covers both cancellation in the projection
+        # and dependence among the block's own columns.
+        kept = r1.diagonal() / norms_sq.sqrt()
+        project = not bool((kept > DGKS_ETA).all())
+    if project:
+        c2 = project_out(basis, q1)
+    else:
+        c2 = torch.zeros_like(c1)
     r2, r2_inv, info2 = _cholesky_factor(xty(q1, q1), torch.ones_like(reference), 0.0)
     q = torch.matmul(q1, r2_inv.to(block.dtype), out=out)
     info = info._replace(deficient=info.deficient | (info2.cholesky_info != 0))

@@ -72,10 +72,17 @@ def _vector_sines(computed, reference):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("which", ["LA", "SA", "LM"])
 @pytest.mark.parametrize("k, block_size", [(4, None), (4, 3), (3, 1)])
-def test_matches_dense_eigh(problem, dtype, which, k, block_size):
+@pytest.mark.parametrize("orthogonalization", ["adaptive", "two_pass"])
+def test_matches_dense_eigh(problem, dtype, which, k, block_size, orthogonalization):
     matrix, eigenvalues, vectors = problem
     res = block_lanczos(
-        matrix.to(dtype), DIM, k, which=which, tol=TOL[dtype], block_size=block_size
+        matrix.to(dtype),
+        DIM,
+        k,
+        which=which,
+        tol=TOL[dtype],
+        block_size=block_size,
+        orthogonalization=orthogonalization,
     )
     want_values, want_vectors, _ = _reference(eigenvalues, vectors, which, k)
     h_norm = eigenvalues.abs().max().item()
@@ -175,8 +182,10 @@ def test_dim_just_above_basis_krylov_fills_space(make_spectrum_matrix, dim, k, b
 def test_k_equals_one_on_the_krylov_path(problem):
     matrix, eigenvalues, _ = problem
     res = block_lanczos(matrix.float(), DIM, 1, tol=1e-5)
-    assert res.block_size == 1 and res.basis_size == 5
+    assert res.block_size == 1 and res.basis_size == 20
     assert abs(res.eigenvalues.item() - 30.0) / 30.0 <= 1e-5
+    # Convergence is checked after every block: far fewer products than a full basis.
+    assert res.n_matvecs < res.basis_size
 
 
 def test_basis_stays_orthonormal_through_restarts(problem):
@@ -189,11 +198,26 @@ def test_basis_stays_orthonormal_through_restarts(problem):
         errors.append((basis.T @ basis - eye).abs().max().item())
 
     # A small basis forces many restarts; the spectrum's top is easy, SA is harder.
+    cycles = []
+
+    def record_cycle(cycle):
+        cycles.append(cycle.cycle)
+        record(cycle)
+
     res = block_lanczos(
-        matrix.float(), DIM, 4, which="SA", block_size=2, basis_size=12, tol=1e-5, callback=record
+        matrix.float(),
+        DIM,
+        4,
+        which="SA",
+        block_size=2,
+        basis_size=12,
+        tol=1e-5,
+        callback=record_cycle,
     )
     assert res.all_converged
-    assert res.restarts >= 3 and len(errors) == res.restarts + 1
+    # The callback runs at every convergence check, several per restart cycle.
+    assert res.restarts >= 3 and sorted(set(cycles)) == list(range(res.restarts + 1))
+    assert len(errors) > res.restarts + 1
     # fp32 basis: design target ||V^T V - I|| <= 1e-6 at every restart (notes 3.8).
     assert max(errors) <= 1e-6
 
@@ -234,16 +258,37 @@ def test_callback_can_stop_and_sees_cycles(problem):
     matrix, _, _ = problem
     seen = []
 
-    def stop_after_two(cycle):
-        seen.append((cycle.cycle, cycle.n_matvecs, cycle.ritz_values.shape, cycle.n_converged))
+    def stop_in_second_cycle(cycle):
+        seen.append((cycle.cycle, cycle.n_matvecs, cycle.ritz_values.shape, cycle.basis_columns))
         return cycle.cycle == 1
 
     res = block_lanczos(
-        matrix.float(), DIM, 4, block_size=2, basis_size=12, tol=1e-7, callback=stop_after_two
+        matrix.float(), DIM, 4, block_size=2, basis_size=12, tol=1e-7, callback=stop_in_second_cycle
     )
-    assert [s[0] for s in seen] == [0, 1]
-    assert seen[0][2] == (4,)
-    assert res.restarts == 1 and res.n_matvecs == seen[-1][1] + 4
+    # One call per block (check_every=1): 2, 4, ..., 12 columns, then the restart.
+    assert [s[0] for s in seen] == [0] * 6 + [1]
+    assert [s[3] for s in seen[:6]] == [2, 4, 6, 8, 10, 12]
+    # While fewer than k Ritz values exist, the list is shorter.
+    assert seen[0][2] == (2,) and seen[2][2] == (4,)
+    # The residuals come from the stored products: no final product.
+    assert res.restarts == 1 and res.n_matvecs == seen[-1][1] == 14
+
+
+def test_check_every_and_final_product_options(problem):
+    matrix, eigenvalues, _ = problem
+    want = torch.tensor([30.0, 20.0, 15.0], dtype=torch.float64)
+    seen = []
+    res = block_lanczos(
+        matrix, DIM, 3, tol=1e-10, block_size=2, check_every=4, callback=lambda c: seen.append(c)
+    )
+    assert (res.eigenvalues - want).abs().max() <= 1e-9 * 30
+    assert all(c.basis_columns % 8 == 0 or c.basis_columns == res.basis_size for c in seen)
+    stored = block_lanczos(matrix, DIM, 3, tol=1e-10, block_size=2)
+    measured = block_lanczos(matrix, DIM, 3, tol=1e-10, block_size=2, store_products=False)
+    # Same iterations; the product of the k vectors comes on top, the residuals agree.
+    assert measured.n_matvecs == stored.n_matvecs + 3
+    torch.testing.assert_close(measured.eigenvalues, stored.eigenvalues, rtol=0, atol=1e-12)
+    torch.testing.assert_close(measured.residuals, stored.residuals, rtol=1e-3, atol=1e-14)
 
 
 def test_same_seed_same_bits(problem):
@@ -274,11 +319,20 @@ def test_non_finite_product_raises(problem, bad):
         block_lanczos(poisoned, DIM, 4, block_size=2)
 
 
-def test_non_finite_product_after_rank_repair(make_spectrum_matrix):
+@pytest.mark.parametrize(
+    "options, poisoned_call",
+    [
+        # Flags read after 6 blocks: the deficient block 3 is found then, blocks 4 and 5 are
+        # discarded, block 3 repaired, and every later step is checked at once: call 7
+        # redoes block 4.
+        ({"check_every": 6, "orthogonalization": "two_pass"}, 7),
+        # The defaults read the flags after every block: block 4 is call 5.
+        ({}, 5),
+    ],
+)
+def test_non_finite_product_after_rank_repair(make_spectrum_matrix, options, poisoned_call):
     # Rank 12, b = 4, fp32 (the rank test then has a 100x margin over rounding noise): the
-    # product of block 3 lies in span(start block, range of H), so once cycle 0's flags are
-    # read it is rolled back to block 3 (the products of blocks 4 and 5 are discarded),
-    # repaired, and every later step is checked at once: call 7 redoes block 4.
+    # product of block 3 lies in span(start block, range of H) and must be repaired.
     gen = torch.Generator().manual_seed(4)
     eigenvalues = torch.zeros(DIM, dtype=torch.float64)
     eigenvalues[:12] = 1.0 + 9.0 * torch.rand(12, generator=gen, dtype=torch.float64)
@@ -288,13 +342,13 @@ def test_non_finite_product_after_rank_repair(make_spectrum_matrix):
     def poisoned(block):
         calls.append(1)
         out = matrix @ block
-        if len(calls) == 7:
+        if len(calls) == poisoned_call:
             out[0, 0] = float("nan")
         return out
 
     with pytest.raises(FloatingPointError, match=r"restart cycle 0, block 4 \(basis columns 16:20"):
-        block_lanczos(poisoned, DIM, 5, block_size=4)
-    assert len(calls) == 7
+        block_lanczos(poisoned, DIM, 5, block_size=4, **options)
+    assert len(calls) == poisoned_call
 
 
 def test_non_finite_product_on_the_direct_path():
@@ -318,7 +372,10 @@ def test_non_finite_product_on_the_direct_path():
         ({"block_size": 0}, "block_size must be a positive integer"),
         ({"basis_size": 4}, "basis_size must hold"),
         ({"max_matvecs": 0}, "max_matvecs must be a positive integer"),
-        ({"max_matvecs": 5}, "leaves no room"),
+        ({"max_matvecs": 5, "block_size": 8}, "leaves no room for one block of 8"),
+        ({"max_matvecs": 4, "store_products": False}, "plus the final residual product"),
+        ({"check_every": 0}, "check_every must be a positive integer"),
+        ({"orthogonalization": "mgs"}, "orthogonalization must be one of"),
     ],
 )
 def test_bad_arguments(problem, kwargs, message):
@@ -420,9 +477,20 @@ def test_progress_bar_runs(problem, capsys):
 
 
 def test_defaults():
-    assert bl_module.default_block_size(1) == 1
-    assert bl_module.default_block_size(10) == 10
-    assert bl_module.default_block_size(40) == 16
+    # CPU: single vectors up to k = 16, then blocks of 8 and 16.
+    assert [bl_module.default_block_size(k) for k in (1, 10, 16, 17, 32, 64, 65)] == [
+        1,
+        1,
+        1,
+        8,
+        8,
+        8,
+        16,
+    ]
+    # GPU: min(k, 16).
+    assert [bl_module.default_block_size(k, "cuda") for k in (1, 10, 40)] == [1, 10, 16]
+    assert bl_module.default_basis_size(1, 1) == 20  # max(2k + 4, 20)
+    assert bl_module.default_basis_size(10, 1) == 24
     assert bl_module.default_basis_size(10, 10) == 50  # max(40, 50)
     assert bl_module.default_basis_size(40, 16) == 160  # max(160, 104)
     assert bl_module.default_basis_size(5, 3) == 21  # max(20, 17) -> multiple of 3
@@ -456,6 +524,45 @@ def test_expand_block_writes_relation(problem, dtype, n_locked):
         assert coeffs[:n_locked].abs().max() == 0
         want = want - basis[:, :n_locked].double() @ (basis[:, :n_locked].double().T @ want)
     rebuilt = basis[:, :end].double() @ coeffs + new.double() @ coupling
+    assert (rebuilt - want).abs().max() <= 100 * eps * 30
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_expand_block_with_local_pass_writes_the_same_relation(problem, dtype):
+    # The adaptive step: the previous and the current block first (passed as a contiguous
+    # copy), then one full projection; T and Q_{j+1} must satisfy H Q_j = V C + Q B as with
+    # two full passes, and the basis stay orthonormal.
+    matrix, _, _ = problem
+    matrix = matrix.to(dtype)
+    b, start = 2, 8
+    gen = torch.Generator().manual_seed(13)
+    v0 = torch.randn(DIM, b, generator=gen, dtype=torch.float64)
+    basis = torch.full((DIM, 16), float("nan"), dtype=dtype)
+    # A genuine Krylov basis, so the local pass holds most of H Q_j.
+    q, _ = torch.linalg.qr(
+        torch.cat([torch.linalg.matrix_power(matrix.double(), i) @ v0 for i in range(5)], 1)
+    )
+    basis[:, : start + b] = q.to(dtype)
+    product = matrix @ basis[:, start : start + b]
+    want = product.double().clone()
+    projected = torch.zeros(16, 16, dtype=torch.float64)
+    flags = expand_block(
+        basis,
+        projected,
+        start,
+        product,
+        local_start=start - b,
+        second_projection="auto",
+        local=basis[:, start - b : start + b].clone(),
+    )
+    assert flags.tolist() == [False, False]
+    end = start + b
+    eps = torch.finfo(dtype).eps
+    v = basis[:, : end + b].double()
+    assert (v.T @ v - torch.eye(end + b, dtype=torch.float64)).abs().max() <= 20 * eps
+    rebuilt = basis[:, :end].double() @ projected[:end, start:end] + (
+        basis[:, end : end + b].double() @ projected[end : end + b, start:end]
+    )
     assert (rebuilt - want).abs().max() <= 100 * eps * 30
 
 

@@ -44,6 +44,29 @@ def test_xty_matches_fp64_and_splits_wide_operands(m, b):
     assert orth.xty(x[:, :0], y).shape == (0, b)
 
 
+@pytest.mark.parametrize("m, b", [(1, 1), (2, 1), (8, 1), (2, 4), (13, 1), (13, 3), (40, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_xty_on_leading_columns_of_a_row_major_buffer(m, b, dtype):
+    # Every route of xty (upcast for tiny widths, y^T x for narrow y, the op on the whole
+    # rows of the buffer) on the view the solver passes: the first m columns of a wider
+    # row-major buffer whose other columns hold garbage, NaN and inf included.
+    gen = torch.Generator().manual_seed(m * 100 + b)
+    buffer = torch.randn(3001, 64, generator=gen, dtype=dtype)
+    buffer[:, m:] = float("nan")
+    buffer[::7, m + 1 :] = float("inf")
+    x = buffer[:, :m]
+    y = torch.randn(3001, b, generator=gen, dtype=dtype)
+    got = orth.xty(x, y)
+    assert got.shape == (m, b) and got.dtype == torch.float64
+    torch.testing.assert_close(got, x.double().T @ y.double(), rtol=1e-13, atol=1e-11)
+    # A view that does not start at column 0 cannot be widened; it must still be right.
+    shifted = torch.randn(3001, m, generator=gen, dtype=dtype)
+    buffer[:, 1 : m + 1] = shifted
+    torch.testing.assert_close(
+        orth.xty(buffer[:, 1 : m + 1], y), shifted.double().T @ y.double(), rtol=1e-13, atol=1e-11
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("b", [1, 3])
 def test_block_cgs2_orthogonalizes_against_basis(dtype, b):
@@ -104,8 +127,9 @@ def test_rank_check_is_relative_to_reference_norms():
     assert bool(info.deficient)  # ... unless they are noise relative to what they came from
 
 
+@pytest.mark.parametrize("second_projection", ["always", "auto"])
 @pytest.mark.parametrize("kappa", [1e2, 1e4, 1e5])
-def test_block_orthonormalize_keeps_basis_orthogonality(kappa):
+def test_block_orthonormalize_keeps_basis_orthogonality(kappa, second_projection):
     # The case that motivates BCGS2 over CGS2 + CholQR2: a small, ill-conditioned remainder.
     # CGS2 + CholQR2 measured ||V^T Q|| = 6e-5 (kappa 1e4) and 6e-4 (1e5) on this setup.
     n, m, b = 4000, 60, 4
@@ -117,12 +141,56 @@ def test_block_orthonormalize_keeps_basis_orthogonality(kappa):
     original = block.clone()
     # tau = 0: the smallest direction is 1e-2 / kappa of the column, below the default rank
     # tolerance for kappa >= 1e4; this test is about the orthogonality, not the rank policy.
-    coeffs, q, coupling, _, info = orth.block_orthonormalize(basis, block, tau=0.0)
+    # With "auto" the DGKS test must see the cancellation (99 % of the norm is in span(V))
+    # and the dependent columns, and project twice.
+    coeffs, q, coupling, _, info = orth.block_orthonormalize(
+        basis, block, tau=0.0, second_projection=second_projection
+    )
     assert not bool(info.deficient)
     assert orth.xty(basis, q).abs().max() <= 1e-6
     assert _gram_error(q) <= 1e-6
     rebuilt = basis.double() @ coeffs + q.double() @ coupling
     assert (rebuilt - original.double()).abs().max() <= 1e-5
+
+
+def test_block_orthonormalize_auto_skips_the_second_projection_only_when_safe(monkeypatch):
+    n, m = 4000, 30
+    basis = _orthonormal(n, m, 9, torch.float32)
+    gen = torch.Generator().manual_seed(10)
+    calls = []
+    real = orth.project_out
+
+    def counting(v, w):
+        calls.append(v.shape[1])
+        return real(v, w)
+
+    monkeypatch.setattr(orth, "project_out", counting)
+    # Nearly orthogonal to V already (components 1e-3 of the norm): one projection.
+    fresh = torch.randn(n, 2, generator=gen) + basis @ (1e-3 * torch.randn(m, 2, generator=gen))
+    _, q, _, _, _ = orth.block_orthonormalize(basis, fresh, second_projection="auto")
+    assert calls == [m]
+    assert orth.xty(basis, q).abs().max() <= 1e-6 and _gram_error(q) <= 1e-6
+    # Mostly inside span(V): two.
+    calls.clear()
+    inside = basis @ torch.randn(m, 2, generator=gen) + 1e-2 * torch.randn(n, 2, generator=gen)
+    _, q, _, _, _ = orth.block_orthonormalize(basis, inside, second_projection="auto")
+    assert calls == [m, m]
+    assert orth.xty(basis, q).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="second_projection must be one of"):
+        orth.block_orthonormalize(basis, fresh, second_projection="never")
+
+
+def test_block_orthonormalize_prior_norms_enter_the_reference():
+    # A block whose remainder is tiny relative to what was projected out before the call
+    # (a local pass) is rank deficient, though large relative to its own input norm.
+    basis = _orthonormal(500, 10, 11, torch.float32)
+    gen = torch.Generator().manual_seed(12)
+    block = 1e-7 * torch.randn(500, 2, generator=gen)
+    *_, info = orth.block_orthonormalize(basis, block.clone())
+    assert not bool(info.deficient)
+    prior = torch.ones(2, dtype=torch.float64)  # the block once had norm ~1
+    *_, info = orth.block_orthonormalize(basis, block.clone(), prior_norms_sq=prior)
+    assert bool(info.deficient)
 
 
 def test_block_orthonormalize_flags_block_inside_basis():
