@@ -3,28 +3,43 @@
 The algorithm of ``notes/kernel_design.md`` 3.2, in pure PyTorch on top of the dispatched
 ops, so it runs on any device the operator runs on:
 
-* a float32 (by default) basis ``V`` preallocated once, ``(n, m_max + b)``;
-* each block step (:func:`expand_block`): one block product ``W = H Q_j``, BCGS2 against the
-  whole basis (full reorthogonalization, every projection and Gram in float64 through
-  :func:`imc_kernels.ops.tsmm_xty`), Cholesky QR of the remainder with a rank check;
+* a float32 (by default) basis ``V``, ``(n, m_max + b)``, and beside it the products ``H V``
+  (so the final residuals cost no matvec);
+* each block step (:func:`expand_block`): one block product ``W = H Q_j``, full
+  reorthogonalization against the whole basis with every projection and Gram in float64
+  (:func:`imc_kernels.linalg.orthogonalize.xty`), Cholesky QR of the remainder with a rank
+  check;
 * the projected matrix ``T`` dense in float64, filled with the *measured* projections
   ``V^T H Q_j`` and the couplings ``B_j`` and symmetrized, so it stays right after restarts
-  and rank repairs; ``eigh`` in float64 once per restart cycle;
+  and rank repairs; ``eigh`` in float64 at every convergence check;
 * convergence on the Ritz residual bound ``||B_last S_last,i|| <= tol * ||H||_est`` with
-  ``||H||_est`` the largest ``|theta|`` seen; converged pairs locked in order;
+  ``||H||_est`` the largest ``|theta|`` seen, checked every ``check_every`` blocks (default:
+  every block; the check is an ``eigh`` of at most ``m_max`` rows on the host), so a solve
+  stops as soon as the wanted pairs converge rather than when the basis is full;
+  converged pairs locked in order at restarts;
 * thick restart keeping the wanted Ritz vectors plus extras (about half the basis), the kept
   vectors re-orthonormalized when their Gram drifts past 2 eps;
-* when everything wanted has converged but a cluster of ``>= b`` equal values sits inside the
-  wanted list, one more cycle from a random block looks for copies of a multiple eigenvalue
-  that a ``b``-wide Krylov space cannot contain (see ``_needs_verification``);
-* the true residuals ``||H v - lambda v|| / ||H||_est`` measured once at the end.
+* when everything wanted has converged but a cluster of ``>= max(b, 2)`` equal values sits
+  inside the wanted list, one more cycle from a random block looks for copies of a multiple
+  eigenvalue that a ``b``-wide Krylov space cannot contain (see ``_needs_verification``);
+* the residuals ``||H v - lambda v|| / ||H||_est`` of the returned vectors, from the stored
+  products ``(H V) s`` (or, with ``store_products=False``, one more block product).
 
-Host synchronization: none inside the block steps. The rank check and the finite check of
-each step are device flags read once per restart cycle, with the convergence decision. A
-rank-deficient step (the Krylov space hit an invariant subspace) is rare; when a cycle's flags
-show one, the blocks expanded after it are discarded, the step is repaired (rank-revealing
-SVQB through an fp64 SVD, random replacement of the lost directions) and the solver checks
-every later step immediately (one sync per block), since rank loss tends to recur.
+Orthogonalization (``orthogonalization=``): ``"two_pass"`` is BCGS2 (project, Cholesky QR,
+project, Cholesky QR) with no host synchronization inside a step, the default on GPUs.
+``"adaptive"``, the default on CPUs where a synchronization costs nothing: the previous and
+the current block are projected out first (they hold nearly all of ``H Q_j``), then one
+projection against the whole basis, and a second only when the DGKS test says the first
+cancelled too much (Daniel, Gragg, Kaufman and Stewart 1976): half the reads of the basis per
+step. On a CPU with ``b = 1`` the basis is stored column-major (one vector per row), so that
+column accesses are contiguous.
+
+Host synchronization: one per convergence check (the rank and finite flags of the steps are
+read with it), plus one per step in ``"adaptive"`` mode. A rank-deficient step (the Krylov
+space hit an invariant subspace) is rare; when a check's flags show one, the blocks expanded
+after it are discarded, the step is repaired (rank-revealing SVQB through an fp64 SVD, random
+replacement of the lost directions) and the solver checks every later step immediately,
+since rank loss tends to recur.
 """
 
 from __future__ import annotations
@@ -67,12 +82,13 @@ class LanczosResult:
             ``|lambda|`` for ``"LM"``, ascending for ``"SA"``.
         eigenvectors: ``(dim, k)`` orthonormal columns, the solver dtype and device.
         residuals: ``(k,)`` float64 true residuals ``||H v - lambda v|| / ||H||_est``,
-            measured with one block product at the end.
+            measured at the end from the operator's stored products ``(H V) s`` (or from
+            one more block product with ``store_products=False``).
         ritz_bounds: ``(k,)`` float64 Ritz residual bounds, also divided by ``||H||_est``
             (0 for the direct path, where the subspace is the whole space).
         converged: ``(k,)`` bool: ``ritz_bound <= tol``.
         n_matvecs: operator applications, each column of a block product counted once
-            (the final residual product included).
+            (a final residual product included).
         restarts: thick restarts performed.
         h_norm: ``||H||_est``, the largest ``|theta|`` seen.
         block_size: the block size used.
@@ -98,16 +114,16 @@ class LanczosResult:
 
 @dataclass
 class LanczosCycle:
-    """What a ``callback`` sees once per restart cycle (after the Rayleigh-Ritz step).
+    """What a ``callback`` sees at each convergence check (after the Rayleigh-Ritz step).
 
     Attributes:
-        cycle: 0-based restart cycle.
+        cycle: 0-based restart cycle (several checks per cycle).
         n_matvecs: operator applications so far.
         restarts: thick restarts so far.
         basis_columns: columns in the Rayleigh-Ritz subspace ``m``.
         n_converged: length of the converged prefix among the ``k`` wanted pairs.
-        ritz_values: ``(k,)`` float64 (CPU), in the order of the result.
-        ritz_bounds: ``(k,)`` float64 (CPU), divided by ``h_norm``.
+        ritz_values: ``(min(k, m),)`` float64 (CPU), in the order of the result.
+        ritz_bounds: ``(min(k, m),)`` float64 (CPU), divided by ``h_norm``.
         h_norm: ``||H||_est``.
         basis: ``(n, m + b)`` view of the basis including the pending block; orthonormal.
             Valid during the callback only (the solver overwrites it); a debugging hook.
@@ -317,6 +333,15 @@ class _BlockKrylovSchur:
         # orthogonalize._row_major_parent), so a buffer much wider than the filled part
         # would be read for nothing at every step. Zeros, not empty: no denormals there.
         self.basis = torch.zeros(n, min(m_max + b, max(32, 4 * b)), dtype=dtype, device=device)
+        # Single vectors on a CPU: a row-major (n, m) buffer makes every column access a
+        # strided gather or scatter over n cache lines (2 ms each at n = 266,610) and feeds
+        # the projections to a kernel that pads one column to eight. Stored column-major
+        # instead ((m, n) rows, one vector per row), columns are contiguous and the
+        # projections take orthogonalize._xty_column_major: per step 4 ms instead of 13 ms
+        # at m = 20 (one thread).
+        self.column_major = device.type == "cpu" and b == 1
+        if self.column_major:
+            self.basis = torch.zeros(m_max + b, n, dtype=dtype, device=device).T
         # H V beside V: the final residuals H y - theta y come from the measured products
         # (H V) s, which costs no matvec; without it one more block product of the k vectors.
         # Stored transposed, (m_max, n): one block's products are then b contiguous rows,
@@ -439,7 +464,7 @@ class _BlockKrylovSchur:
     def _ensure_capacity(self, columns: int) -> None:
         """Widen the basis buffer (by half, at least to ``columns``) when it is too narrow."""
         capacity = self.basis.shape[1]
-        if columns <= capacity:
+        if columns <= capacity or self.column_major:
             return
         limit = self.m_max + self.b
         wider = min(limit, max(columns, capacity + capacity // 2))
@@ -883,13 +908,13 @@ def default_block_size(k: int, device: torch.device | str = "cpu") -> int:
 def default_basis_size(k: int, block_size: int) -> int:
     """The default basis size ``m_max``, a multiple of ``b``.
 
-    ``b = 1``: ``max(2k + 4, 20)``, ARPACK's ``ncv = max(2k + 1, 20)`` plus a little (with
-    convergence checked at every step the basis is rarely filled: 25 products for k = 10 on
-    the trained MLP with or without a restart). Blocks: ``max(4k, k + 4b)`` rounded up
-    (notes 3.5).
+    ``b = 1``: ``max(2k + 10, 20)``, ARPACK's ``ncv = max(2k + 1, 20)`` plus a margin: with
+    convergence checked at every step the basis is rarely filled (25 products for k = 10 on
+    the trained MLP), and a restart just before convergence costs a Rayleigh-Ritz update of
+    the basis for nothing. Blocks: ``max(4k, k + 4b)`` rounded up (notes 3.5).
     """
     if block_size == 1:
-        return max(2 * k + 4, 20)
+        return max(2 * k + 10, 20)
     m = max(4 * k, k + 4 * block_size)
     return int(math.ceil(m / block_size) * block_size)
 
@@ -927,13 +952,16 @@ def block_lanczos(
         tol: a pair converges when its Ritz residual bound is at most ``tol * ||H||_est``
             (``||H||_est``: the largest ``|theta|`` seen). ``1e-4`` suits float32 operators;
             below ~1e-6 a float32 run may stall at rounding level (use float64).
-        block_size: ``b``; default ``min(k, 16)`` but at least 1. Pick at least the size of
-            the largest cluster among the wanted eigenvalues.
+        block_size: ``b``; default :func:`default_block_size`: ``min(k, 16)`` on GPUs; on
+            CPUs 1 up to ``k = 16`` (fewest products), then 8, then 16. A ``b``-wide Krylov
+            space holds at most ``b`` copies of a multiple eigenvalue: pick at least the
+            multiplicity of any repeated eigenvalue among the wanted ones.
         max_matvecs: cap on operator applications, every column of a block product counted
-            (the ``k`` of the final residual product included). Default: enough for the first
-            cycle and 50 restarts. Pairs not converged when it is reached come back with
-            ``converged`` False.
-        basis_size: ``m_max``; default ``max(4k, k + 4b)`` rounded up to a multiple of ``b``.
+            (with ``store_products=False`` the ``k`` of the final residual product included).
+            Default: enough for the first cycle and 50 restarts. Pairs not converged when it
+            is reached come back with ``converged`` False.
+        basis_size: ``m_max``; default :func:`default_basis_size` (``max(2k + 10, 20)`` for
+            ``b = 1``, else ``max(4k, k + 4b)``), rounded up to a multiple of ``b``.
             When ``dim <= m_max + b`` the operator is formed from ``dim`` products and solved
             directly (exact; a Krylov basis would fill the space anyway).
         seed: seed of the start block and of any random replacement directions (drawn on the
@@ -944,8 +972,17 @@ def block_lanczos(
         device: device of the basis; default the operator's device (tensor or ``.device``),
             else CPU.
         progress: show a tqdm bar over matvecs (a string: with that description).
-        callback: called once per restart cycle with a :class:`LanczosCycle`; returning True
-            stops the solve (the current Ritz pairs are returned).
+        callback: called at each convergence check with a :class:`LanczosCycle`; returning
+            True stops the solve (the current Ritz pairs are returned).
+        check_every: blocks expanded between convergence checks (each check is one host
+            synchronization and an ``eigh`` of at most ``m_max`` rows).
+        store_products: keep ``H V`` beside the basis (twice the basis memory) so that the
+            final residuals cost no matvec; False measures them with one more block product
+            of the ``k`` vectors.
+        orthogonalization: ``"two_pass"`` (BCGS2, no host synchronization inside a step),
+            ``"adaptive"`` (local pass, one full projection, a second only when the DGKS test
+            asks; one synchronization per step), or ``"auto"``: adaptive on CPU, two-pass
+            elsewhere.
 
     Returns:
         A :class:`LanczosResult`.

@@ -489,8 +489,8 @@ def test_defaults():
     ]
     # GPU: min(k, 16).
     assert [bl_module.default_block_size(k, "cuda") for k in (1, 10, 40)] == [1, 10, 16]
-    assert bl_module.default_basis_size(1, 1) == 20  # max(2k + 4, 20)
-    assert bl_module.default_basis_size(10, 1) == 24
+    assert bl_module.default_basis_size(1, 1) == 20  # max(2k + 10, 20)
+    assert bl_module.default_basis_size(10, 1) == 30
     assert bl_module.default_basis_size(10, 10) == 50  # max(40, 50)
     assert bl_module.default_basis_size(40, 16) == 160  # max(160, 104)
     assert bl_module.default_basis_size(5, 3) == 21  # max(20, 17) -> multiple of 3

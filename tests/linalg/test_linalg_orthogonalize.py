@@ -67,6 +67,20 @@ def test_xty_on_leading_columns_of_a_row_major_buffer(m, b, dtype):
     )
 
 
+@pytest.mark.parametrize("m, b", [(2, 1), (20, 1), (33, 2)])
+def test_xty_on_a_column_major_basis(m, b):
+    # The single-vector solver's layout on CPU: one vector per row of an (M, n) buffer, the
+    # basis its transpose; chunked float64 path (n spans several chunks, one partial).
+    n = 2 * orth._COLUMN_MAJOR_CHUNK + 1234
+    gen = torch.Generator().manual_seed(m)
+    rows = torch.randn(m + 5, n, generator=gen)
+    rows[m:] = float("nan")  # unused rows must not matter
+    x = rows.T[:, :m]
+    y = torch.randn(n, b, generator=gen)
+    got = orth.xty(x, y)
+    torch.testing.assert_close(got, x.double().T @ y.double(), rtol=1e-13, atol=1e-10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("b", [1, 3])
 def test_block_cgs2_orthogonalizes_against_basis(dtype, b):
