@@ -329,19 +329,21 @@ class _BlockKrylovSchur:
         self.adaptive = orthogonalization == "adaptive"
         n, dtype, device = op.dim, op.dtype, op.device
         self.tau = default_rank_tol(dtype)
-        # The basis buffer grows with the basis: the projections read whole rows of it (see
-        # orthogonalize._row_major_parent), so a buffer much wider than the filled part
-        # would be read for nothing at every step. Zeros, not empty: no denormals there.
-        self.basis = torch.zeros(n, min(m_max + b, max(32, 4 * b)), dtype=dtype, device=device)
         # Single vectors on a CPU: a row-major (n, m) buffer makes every column access a
         # strided gather or scatter over n cache lines (2 ms each at n = 266,610) and feeds
         # the projections to a kernel that pads one column to eight. Stored column-major
         # instead ((m, n) rows, one vector per row), columns are contiguous and the
-        # projections take orthogonalize._xty_column_major: per step 4 ms instead of 13 ms
-        # at m = 20 (one thread).
+        # projections take orthogonalize._xty_column_major: projection, update and column
+        # traffic 4 ms per step instead of 13 ms at m = 20 (one thread).
         self.column_major = device.type == "cpu" and b == 1
         if self.column_major:
             self.basis = torch.zeros(m_max + b, n, dtype=dtype, device=device).T
+        else:
+            # Row-major, growing with the basis: the projections read whole rows of it (see
+            # orthogonalize._row_major_parent), so a buffer much wider than the filled part
+            # would be read for nothing at every step. Zeros, not empty: no denormals there.
+            width = min(m_max + b, max(32, 4 * b))
+            self.basis = torch.zeros(n, width, dtype=dtype, device=device)
         # H V beside V: the final residuals H y - theta y come from the measured products
         # (H V) s, which costs no matvec; without it one more block product of the k vectors.
         # Stored transposed, (m_max, n): one block's products are then b contiguous rows,
