@@ -8,9 +8,14 @@
 
 #include <Python.h>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
 
 extern "C" {
 // `import imc_kernels._C` loads this shared library, which runs the static TORCH_LIBRARY
@@ -62,10 +67,141 @@ void tsmm_check_inputs(const at::Tensor& x, const at::Tensor& y, c10::DeviceType
               c10::DeviceTypeName(device_type), " kernel got tensors on ", x.device());
 }
 
+// The widest block block_orth_step takes: its b x b Cholesky factors and their inverses run in
+// one thread block on the GPU, from global memory scratch of a few b x b doubles. Lanczos blocks
+// are 1..64 columns; the basis width (`filled`) has no limit.
+constexpr int64_t kBlockOrthMaxBlock = 512;
+
+namespace {
+
+// True when element (r, c) of `t` sits at r * stride(0) + c: the layout the kernels and the
+// BLAS calls of block_orth_step read and write without copies (any row stride, unit column
+// stride). Views of leading or middle columns of a row-major buffer qualify.
+bool rows_addressable(const at::Tensor& t) {
+  return t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1) &&
+         (t.size(0) <= 1 || t.stride(0) >= std::max<int64_t>(t.size(1), 1));
+}
+
+void check_rows_addressable(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(rows_addressable(t), "imc_kernels::block_orth_step needs `", name,
+              "` with unit column stride and a row stride of at least its width (a row-major "
+              "matrix or a column slice of one), got sizes ",
+              t.sizes(), " and strides ", t.strides(), "; pass a .contiguous() copy");
+}
+
+void check_disjoint(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                    const char* b_name) {
+  // TooHard (strided views of one buffer) is accepted: the Lanczos driver passes disjoint
+  // column slices of its basis buffer.
+  const auto status = at::get_overlap_status(a, b);
+  TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial,
+              "imc_kernels::block_orth_step: `", a_name, "` and `", b_name,
+              "` share memory; they must be separate buffers");
+}
+
+}  // namespace
+
+// Entry checks shared by the CPU and CUDA kernels of block_orth_step (declared again in
+// csrc/lanczos/block_orth_{cpu.cpp,cuda.cu}). imc_kernels.ops.block_orth_step checks the same
+// conditions in Python first and raises ValueError/TypeError.
+void block_orth_check_inputs(const at::Tensor& basis, int64_t filled, const at::Tensor& block,
+                             const at::Tensor& work, const at::Tensor& q,
+                             const at::Tensor& coeffs, const at::Tensor& coeffs_first,
+                             const at::Tensor& coupling,
+                             const std::optional<at::Tensor>& prior_norms_sq, double tau,
+                             c10::DeviceType device_type) {
+  TORCH_CHECK(block.dim() == 2, "imc_kernels::block_orth_step needs a 2-D block (n, b), got a ",
+              block.dim(), "-D tensor");
+  const int64_t n = block.size(0);
+  const int64_t b = block.size(1);
+  TORCH_CHECK(n >= 1 && b >= 1 && b <= kBlockOrthMaxBlock,
+              "imc_kernels::block_orth_step needs a block with at least one row and 1 to ",
+              kBlockOrthMaxBlock, " columns, got ", block.sizes(),
+              "; orthonormalize a wider block in column blocks");
+  TORCH_CHECK(basis.dim() == 2 && basis.size(0) == n,
+              "imc_kernels::block_orth_step needs a 2-D basis with as many rows as the block (",
+              n, "), got ", basis.sizes());
+  TORCH_CHECK(filled >= 0 && filled <= basis.size(1),
+              "imc_kernels::block_orth_step: filled = ", filled,
+              " must be between 0 and the basis's column count ", basis.size(1));
+  TORCH_CHECK(work.sizes() == block.sizes() && q.sizes() == block.sizes(),
+              "imc_kernels::block_orth_step needs work and q shaped like the block ", block.sizes(),
+              ", got ", work.sizes(), " and ", q.sizes());
+  TORCH_CHECK(block.scalar_type() == at::kFloat || block.scalar_type() == at::kDouble,
+              "imc_kernels::block_orth_step takes a float32 or float64 block, got ",
+              block.scalar_type(), "; convert with .float() or .double()");
+  TORCH_CHECK(basis.scalar_type() == block.scalar_type() &&
+                  work.scalar_type() == block.scalar_type() &&
+                  q.scalar_type() == block.scalar_type(),
+              "imc_kernels::block_orth_step needs basis, block, work and q of one dtype, got ",
+              basis.scalar_type(), ", ", block.scalar_type(), ", ", work.scalar_type(), " and ",
+              q.scalar_type());
+  TORCH_CHECK(coeffs.dim() == 2 && coeffs.size(0) == filled && coeffs.size(1) == b &&
+                  coeffs_first.sizes() == coeffs.sizes(),
+              "imc_kernels::block_orth_step needs coeffs and coeffs_first of shape (filled, b) = (",
+              filled, ", ", b, "), got ", coeffs.sizes(), " and ", coeffs_first.sizes());
+  TORCH_CHECK(coupling.dim() == 2 && coupling.size(0) == b && coupling.size(1) == b,
+              "imc_kernels::block_orth_step needs coupling of shape (b, b) = (", b, ", ", b,
+              "), got ", coupling.sizes());
+  TORCH_CHECK(coeffs.scalar_type() == at::kDouble && coeffs_first.scalar_type() == at::kDouble &&
+                  coupling.scalar_type() == at::kDouble,
+              "imc_kernels::block_orth_step needs float64 coeffs, coeffs_first and coupling, got ",
+              coeffs.scalar_type(), ", ", coeffs_first.scalar_type(), " and ",
+              coupling.scalar_type());
+  if (prior_norms_sq.has_value()) {
+    const at::Tensor& prior = *prior_norms_sq;
+    TORCH_CHECK(prior.dim() == 1 && prior.size(0) == b && prior.scalar_type() == at::kDouble,
+                "imc_kernels::block_orth_step needs prior_norms_sq as a (b,) = (", b,
+                ",) float64 tensor, got ", prior.sizes(), " ", prior.scalar_type());
+    TORCH_CHECK(prior.device() == block.device(),
+                "imc_kernels::block_orth_step: prior_norms_sq is on ", prior.device(),
+                ", the block on ", block.device());
+  }
+  TORCH_CHECK(std::isfinite(tau) && tau >= 0.0,
+              "imc_kernels::block_orth_step needs a finite rank tolerance tau >= 0, got ", tau);
+  for (const at::Tensor* t : {&basis, &work, &q, &coeffs, &coeffs_first, &coupling}) {
+    TORCH_CHECK(t->device() == block.device(),
+                "imc_kernels::block_orth_step needs every tensor on the block's device ",
+                block.device(), ", got one on ", t->device());
+  }
+  TORCH_CHECK(block.device().type() == device_type, "imc_kernels::block_orth_step: the ",
+              c10::DeviceTypeName(device_type), " kernel got tensors on ", block.device());
+  check_rows_addressable(basis, "basis");
+  check_rows_addressable(block, "block");
+  check_rows_addressable(work, "work");
+  check_rows_addressable(q, "q");
+  check_rows_addressable(coeffs, "coeffs");
+  check_rows_addressable(coeffs_first, "coeffs_first");
+  check_rows_addressable(coupling, "coupling");
+  check_disjoint(block, "block", work, "work");
+  check_disjoint(block, "block", q, "q");
+  check_disjoint(work, "work", q, "q");
+  check_disjoint(basis, "basis", block, "block");
+  check_disjoint(basis, "basis", work, "work");
+  check_disjoint(coeffs, "coeffs", coeffs_first, "coeffs_first");
+}
+
 }  // namespace imc_kernels
 
 TORCH_LIBRARY(imc_kernels, m) {
   // x: (n, m), y: (n, b), float32 or float64, m, b <= 512. Returns x^T y as (m, b) float64,
   // every product accumulated in fp64, bitwise deterministic for a given device and shape.
   m.def("tsmm_xty(Tensor x, Tensor y) -> Tensor");
+  // One block orthogonalization step of block Lanczos: BCGS2 with a Cholesky QR inside each
+  // pass (imc_kernels/linalg/orthogonalize.py:block_orthonormalize), with V = basis[:, :filled]
+  // (n rows, any row stride) and the block W (n, b), b <= 512:
+  //   pass 1: C1 = V^T W (fp64);  W1 = W - V C1 (written to `block`);  W1 = Q1 R1 (Q1 to `work`)
+  //   pass 2: C2 = V^T Q1;  W2 = Q1 - V C2 (`work`);  W2 = Q R2 (Q to `q`)
+  // so W = V C + Q B with C = C1 + C2 R1 (`coeffs`), B = R2 R1 (`coupling`), C1 in
+  // `coeffs_first`; every projection and Gram accumulated in fp64, the Cholesky factors fp64.
+  // The rank check compares R1_ii with the reference norm sqrt(||w_i||^2 + prior_norms_sq_i)
+  // (tau relative). On a deficient step `q` holds W1, `coeffs` C1 and `coupling` zeros (the
+  // raw residual for the caller's repair). With auto_second_projection, pass 2 skips the
+  // projection when every R1_ii / ||w_i|| > 1/sqrt(2) (DGKS; on CUDA one host sync).
+  // Returns flags (5,) int32 [deficient, non_finite, cholesky info pass 1, pass 2, projections]
+  // and norms (2, b) float64 [reference; R1_ii / reference], both on the device.
+  m.def(
+      "block_orth_step(Tensor basis, int filled, Tensor(a!) block, Tensor(b!) work, "
+      "Tensor(c!) q, Tensor(d!) coeffs, Tensor(e!) coeffs_first, Tensor(f!) coupling, "
+      "Tensor? prior_norms_sq, float tau, bool auto_second_projection) -> (Tensor, Tensor)");
 }

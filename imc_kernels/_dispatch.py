@@ -9,14 +9,19 @@ Every op family has up to three implementations:
 
 Each backend reports *why* it cannot run an input; the dispatcher takes the first one that
 can, in the order above. ``IMC_KERNELS_BACKEND=reference|triton|cext`` forces one backend and
-raises (with the reasons) when it cannot run.
+raises (with the reasons) when it cannot run; :func:`force_backend` does the same inside a
+``with`` block, for chosen op families only (the reference twin of the Lanczos solver runs
+the solver's ops this way, leaving the operator's kernels alone).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -40,6 +45,54 @@ def forced_backend() -> str | None:
     if value not in BACKENDS:
         raise ValueError(f"{ENV_BACKEND}={value!r} is not one of {', '.join(BACKENDS)}")
     return value
+
+
+# (backend, op families or None for all) of the enclosing force_backend blocks, innermost last.
+# A context variable, so a block in one thread (or task) does not change another's dispatch.
+_FORCED_IN_CONTEXT: contextvars.ContextVar[tuple[tuple[str, frozenset[str] | None], ...]] = (
+    contextvars.ContextVar("imc_kernels_forced_backend", default=())
+)
+
+
+@contextlib.contextmanager
+def force_backend(backend: str, ops: Iterable[str] | None = None) -> Iterator[None]:
+    """Run the op families ``ops`` (every family when None) on ``backend`` inside the block.
+
+    Like ``IMC_KERNELS_BACKEND``, but scoped to the block and to the current thread, and
+    limited to the named families (the ``op`` names :func:`select` is called with, such as
+    ``"tsmm"`` and ``"block_orth"``); other families dispatch as usual. It takes precedence
+    over the environment variable; in nested blocks the innermost one naming a family wins.
+    :func:`select` raises :class:`BackendUnavailableError` when the forced backend cannot run.
+
+    Args:
+        backend: one of :data:`BACKENDS`.
+        ops: op family names, or None for all.
+
+    Raises:
+        ValueError: an unknown backend.
+
+    Example:
+        >>> with force_backend("reference", ops=("tsmm",)):
+        ...     select("tsmm", torch.device("cpu"), available=("cext", "reference"))
+        'reference'
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    families = None if ops is None else frozenset([ops] if isinstance(ops, str) else ops)
+    token = _FORCED_IN_CONTEXT.set((*_FORCED_IN_CONTEXT.get(), (backend, families)))
+    try:
+        yield
+    finally:
+        _FORCED_IN_CONTEXT.reset(token)
+
+
+def _forced_for(op: str) -> tuple[str, str] | None:
+    """``(backend, what forced it)`` for op family ``op``, or None when nothing forces one."""
+    for backend, families in reversed(_FORCED_IN_CONTEXT.get()):
+        if families is None or op in families:
+            return backend, f"force_backend({backend!r})"
+    backend = forced_backend()
+    return None if backend is None else (backend, f"{ENV_BACKEND}={backend}")
 
 
 def triton_interpret() -> bool:
@@ -77,13 +130,18 @@ def triton_unsupported_reason(device: torch.device, dtype: torch.dtype | None = 
     return f"Triton kernels do not support device type {device.type!r}"
 
 
-def cext_unsupported_reason(device: torch.device) -> str | None:
-    """Why the compiled extension cannot run on ``device``; None when it can."""
+def cext_unsupported_reason(device: torch.device, op: str | None = None) -> str | None:
+    """Why the compiled extension cannot run on ``device`` (op ``op``); None when it can."""
     from imc_kernels import _ext
 
     info = _ext.load()
     if info.module is None:
         return f"the C++ extension is not available ({info.reason})"
+    if op is not None and not _ext.has_op(op):
+        return (
+            f"the loaded C++ extension predates op {op!r} ({info.reason}); rebuild it with "
+            "pip install --no-build-isolation -e ."
+        )
     if device.type == "cpu":
         return None
     if device.type == "cuda":
@@ -97,6 +155,7 @@ def select(
     dtype: torch.dtype | None = None,
     *,
     available: tuple[str, ...] = BACKENDS,
+    cext_op: str | None = None,
 ) -> str:
     """Pick the backend that runs ``op`` on ``device``.
 
@@ -105,31 +164,34 @@ def select(
         device: where the inputs live.
         dtype: the inputs' dtype, when a backend restricts it.
         available: the backends this op family implements, in priority order.
+        cext_op: the name of the extension's op, checked to exist in the loaded build.
 
     Returns:
         One of ``"triton"``, ``"cext"``, ``"reference"``.
 
     Raises:
-        BackendUnavailableError: ``IMC_KERNELS_BACKEND`` forces a backend that cannot run.
+        BackendUnavailableError: ``IMC_KERNELS_BACKEND`` or :func:`force_backend` forces a
+            backend that cannot run.
     """
     reasons = {}
     for name in available:
         if name == "triton":
             reasons[name] = triton_unsupported_reason(device, dtype)
         elif name == "cext":
-            reasons[name] = cext_unsupported_reason(device)
+            reasons[name] = cext_unsupported_reason(device, cext_op)
         else:
             reasons[name] = None
-    forced = forced_backend()
-    if forced is not None:
+    forcing = _forced_for(op)
+    if forcing is not None:
+        forced, source = forcing
         if forced not in available:
             raise BackendUnavailableError(
-                f"{ENV_BACKEND}={forced} but op {op!r} has no {forced} implementation "
+                f"{source} but op {op!r} has no {forced} implementation "
                 f"(it has {', '.join(available)})"
             )
         if reasons[forced] is not None:
             raise BackendUnavailableError(
-                f"{ENV_BACKEND}={forced} cannot run op {op!r} on {device}: {reasons[forced]}"
+                f"{source} cannot run op {op!r} on {device}: {reasons[forced]}"
             )
         return forced
     for name in available:

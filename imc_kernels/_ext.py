@@ -158,6 +158,16 @@ def _cuda_compiled(torch) -> bool:
     return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"{OP_NAMESPACE}::tsmm_xty", "CUDA"))
 
 
+def has_op(name: str) -> bool:
+    """True when the loaded extension registered ``imc_kernels::<name>`` (a stale build may not)."""
+    import torch
+
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"{OP_NAMESPACE}::{name}", "CPU")
+    except RuntimeError:  # "operator ... does not exist"
+        return False
+
+
 def _register_fakes(torch) -> None:
     """Fake (meta) kernels, so FakeTensor tracing, torch.compile and opcheck see our ops."""
 
@@ -166,11 +176,20 @@ def _register_fakes(torch) -> None:
         torch._check(x.shape[0] == y.shape[0], lambda: "x and y need the same number of rows")
         return x.new_empty((x.shape[1], y.shape[1]), dtype=torch.float64)
 
-    try:
-        torch.library.register_fake(f"{OP_NAMESPACE}::tsmm_xty")(tsmm_xty_fake)
-    except RuntimeError as exc:  # registered already, e.g. by an earlier loader in the process
-        if "already" not in str(exc):
-            raise
+    def block_orth_step_fake(basis, filled, block, work, q, coeffs, coeffs_first, coupling, *_):
+        torch._check(block.dim() == 2, lambda: "block_orth_step needs a 2-D block")
+        flags = block.new_empty((5,), dtype=torch.int32)
+        return flags, block.new_empty((2, block.shape[1]), dtype=torch.float64)
+
+    fakes = {"tsmm_xty": tsmm_xty_fake, "block_orth_step": block_orth_step_fake}
+    for name, fake in fakes.items():
+        if not has_op(name):
+            continue  # an extension built before this op existed
+        try:
+            torch.library.register_fake(f"{OP_NAMESPACE}::{name}")(fake)
+        except RuntimeError as exc:  # registered already, e.g. by an earlier loader
+            if "already" not in str(exc):
+                raise
 
 
 def _load_aot(torch) -> tuple[ExtInfo | None, str]:

@@ -19,6 +19,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "tsmm_cpu.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -135,14 +137,14 @@ void accumulate_tile(const double* x_tile, const double* y_tile, int64_t rows, i
 }
 #endif
 
-// Copies `rows` rows of a row-major (*, cols) matrix into a (rows, cols_pad) fp64 tile,
-// zero-filling the padding columns (they contribute exact zeros to the padded partial).
-// Multiversioned too: AVX converts four floats per instruction, SSE2 two.
+// Copies `rows` rows of a row-major (*, cols) matrix with leading dimension ld into a
+// (rows, cols_pad) fp64 tile, zero-filling the padding columns (they contribute exact zeros to
+// the padded partial). Multiversioned too: AVX converts four floats per instruction, SSE2 two.
 template <typename scalar_t>
-void load_tile_impl(const scalar_t* src, int64_t rows, int64_t cols, int64_t cols_pad,
-                    double* __restrict tile) {
+void load_tile_impl(const scalar_t* src, int64_t ld, int64_t rows, int64_t cols,
+                    int64_t cols_pad, double* __restrict tile) {
   for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* src_row = src + r * cols;
+    const scalar_t* src_row = src + r * ld;
     double* tile_row = tile + r * cols_pad;
     for (int64_t c = 0; c < cols; ++c) {
       tile_row[c] = static_cast<double>(src_row[c]);
@@ -155,18 +157,29 @@ void load_tile_impl(const scalar_t* src, int64_t rows, int64_t cols, int64_t col
 
 // GCC does not multiversion templates, hence one plain overload per input dtype.
 IMC_MULTIVERSION
-void load_tile(const float* src, int64_t rows, int64_t cols, int64_t cols_pad, double* tile) {
-  load_tile_impl(src, rows, cols, cols_pad, tile);
+void load_tile(const float* src, int64_t ld, int64_t rows, int64_t cols, int64_t cols_pad,
+               double* tile) {
+  load_tile_impl(src, ld, rows, cols, cols_pad, tile);
 }
 
 IMC_MULTIVERSION
-void load_tile(const double* src, int64_t rows, int64_t cols, int64_t cols_pad, double* tile) {
-  load_tile_impl(src, rows, cols, cols_pad, tile);
+void load_tile(const double* src, int64_t ld, int64_t rows, int64_t cols, int64_t cols_pad,
+               double* tile) {
+  load_tile_impl(src, ld, rows, cols, cols_pad, tile);
 }
 
 template <typename scalar_t>
-void tsmm_xty_kernel(const scalar_t* x, const scalar_t* y, int64_t n, int64_t m, int64_t b,
-                     double* out) {
+void tsmm_xty_kernel(const scalar_t* x, int64_t ldx, const scalar_t* y, int64_t ldy, int64_t n,
+                     int64_t m, int64_t b, double* out, int64_t out_row_stride,
+                     int64_t out_col_stride) {
+  if (n == 0 || m == 0 || b == 0) {
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < b; ++j) {
+        out[i * out_row_stride + j * out_col_stride] = 0.0;
+      }
+    }
+    return;
+  }
   const int64_t m_pad = round_up(m, kMR);
   const int64_t b_pad = round_up(b, kNR);
   const int64_t partial_size = m_pad * b_pad;
@@ -199,8 +212,8 @@ void tsmm_xty_kernel(const scalar_t* x, const scalar_t* y, int64_t n, int64_t m,
       double* partial = partials.data() + chunk * partial_size;
       for (int64_t row = chunk * chunk_rows; row < row_end; row += tile_rows) {
         const int64_t rows = std::min(tile_rows, row_end - row);
-        load_tile(x + row * m, rows, m, m_pad, x_tile);
-        load_tile(y + row * b, rows, b, b_pad, y_tile);
+        load_tile(x + row * ldx, ldx, rows, m, m_pad, x_tile);
+        load_tile(y + row * ldy, ldy, rows, b, b_pad, y_tile);
         accumulate_tile(x_tile, y_tile, rows, m_pad, b_pad, partial);
       }
     }
@@ -214,11 +227,34 @@ void tsmm_xty_kernel(const scalar_t* x, const scalar_t* y, int64_t n, int64_t m,
         for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
           sum += partials[chunk * partial_size + i * b_pad + j];
         }
-        out[i * b + j] = sum;
+        out[i * out_row_stride + j * out_col_stride] = sum;
       }
     }
   });
 }
+
+template <typename scalar_t>
+void tsmm_xty_best_order(const scalar_t* x, int64_t ldx, const scalar_t* y, int64_t ldy,
+                         int64_t n, int64_t m, int64_t b, double* out, int64_t ldo) {
+  // Work of the register blocks either way round; the transposed order writes (y^T x)^T
+  // straight into `out` through the output strides.
+  const int64_t direct = round_up(m, kMR) * round_up(b, kNR);
+  const int64_t swapped = round_up(b, kMR) * round_up(m, kNR);
+  if (swapped < direct) {
+    tsmm_xty_kernel(y, ldy, x, ldx, n, b, m, out, 1, ldo);
+  } else {
+    tsmm_xty_kernel(x, ldx, y, ldy, n, m, b, out, ldo, 1);
+  }
+}
+
+template void tsmm_xty_kernel<float>(const float*, int64_t, const float*, int64_t, int64_t,
+                                     int64_t, int64_t, double*, int64_t, int64_t);
+template void tsmm_xty_kernel<double>(const double*, int64_t, const double*, int64_t, int64_t,
+                                      int64_t, int64_t, double*, int64_t, int64_t);
+template void tsmm_xty_best_order<float>(const float*, int64_t, const float*, int64_t, int64_t,
+                                         int64_t, int64_t, double*, int64_t);
+template void tsmm_xty_best_order<double>(const double*, int64_t, const double*, int64_t,
+                                          int64_t, int64_t, int64_t, double*, int64_t);
 
 }  // namespace tsmm_cpu
 
@@ -234,9 +270,9 @@ at::Tensor tsmm_xty_cpu(const at::Tensor& x, const at::Tensor& y) {
   const at::Tensor y_contiguous = y.contiguous();
   at::Tensor out = at::empty({m, b}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "imc_kernels::tsmm_xty (CPU)", [&] {
-    tsmm_cpu::tsmm_xty_kernel<scalar_t>(x_contiguous.const_data_ptr<scalar_t>(),
-                                        y_contiguous.const_data_ptr<scalar_t>(), n, m, b,
-                                        out.mutable_data_ptr<double>());
+    tsmm_cpu::tsmm_xty_kernel<scalar_t>(x_contiguous.const_data_ptr<scalar_t>(), m,
+                                        y_contiguous.const_data_ptr<scalar_t>(), b, n, m, b,
+                                        out.mutable_data_ptr<double>(), b, 1);
   });
   return out;
 }

@@ -242,7 +242,8 @@ def expand_block(
 
     If the step is rank deficient, the raw residual ``W1 = H Q_j - V C1`` is stored in the
     ``Q_{j+1}`` slot instead, ``C1`` in ``T`` and zeros for ``B_j``, for the caller's repair.
-    This is the unit a fused C++/CUDA op can replace.
+    The orthogonalization is one call of the ``block_orth_step`` op (C++/CUDA, or its
+    pure-PyTorch twin) whenever the basis rows are addressable in place.
 
     With ``local_start``, the columns ``basis[:, local_start:start+b]`` (the previous and the
     current block of a Lanczos recurrence, which hold nearly all of ``H Q_j``) are projected
@@ -274,31 +275,28 @@ def expand_block(
     if local_start is not None and local_start < end:
         local_coeffs = project_out(basis[:, local_start:end] if local is None else local, product)
         prior = local_coeffs.square().sum(0)
-    coeffs, q, coupling, coeffs1, info = block_orthonormalize(
+    # Q_{j+1} goes straight into its slot; on a deficient step the slot gets the raw residual
+    # W1 (and T the coefficients C1, zero coupling), so the repair needs no second product.
+    coeffs, _, coupling, _, info = block_orthonormalize(
         basis[:, :end],
         product,
         tau=tau,
+        out=slot,
         work=work,
         prior_norms_sq=prior,
         second_projection=second_projection,
     )
+    # A NaN/inf anywhere in the product reaches the first projection or the reference norms
+    # (sums of squares over every entry), so the op's flag covers the whole block.
+    non_finite = info.non_finite
     if local_coeffs is not None:
         coeffs[local_start:end] += local_coeffs
-        coeffs1[local_start:end] += local_coeffs
-    # A NaN/inf anywhere in the product reaches the first projection or the reference norms
-    # (sums of squares over every entry), so these small tensors are enough.
-    non_finite = ~(torch.isfinite(coeffs1).all() & torch.isfinite(info.reference).all())
+        non_finite = non_finite | ~torch.isfinite(local_coeffs).all()
     deficient = info.deficient & ~non_finite
-    # Selecting on device keeps the step free of host syncs; on a deficient step the slot gets
-    # the raw residual (still in `product`) so the repair needs no second product.
-    torch.where(deficient, product, q, out=slot)
-    coeffs = torch.where(deficient, coeffs1, coeffs)
     if n_locked:
         coeffs[:n_locked] = 0.0
     projected[:end, start:end] = coeffs
-    projected[end : end + b, start:end] = torch.where(
-        deficient, torch.zeros_like(coupling), coupling
-    )
+    projected[end : end + b, start:end] = coupling
     return torch.stack((non_finite, deficient))
 
 

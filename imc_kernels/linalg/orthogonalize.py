@@ -12,7 +12,9 @@ The pieces:
 * :func:`cholqr` / :func:`cholqr2`: Cholesky QR with an fp64 Gram and a rank check that
   never synchronizes with the host (the check is returned as a device tensor).
 * :func:`block_orthonormalize`: the two-pass block Gram-Schmidt the Lanczos expansion uses,
-  BCGS2 with a Cholesky QR inside each pass.
+  BCGS2 with a Cholesky QR inside each pass; one call of the ``block_orth_step`` op
+  (:func:`imc_kernels.ops.block_orth_step`: the C++/CUDA kernels, or their pure-PyTorch twin)
+  whenever the tensors' layout allows, else the same math from the pieces above.
 * :func:`svqb`: the rank-revealing fallback (torch.lobpcg's ``_get_svqb``, or an fp64 SVD).
 * :func:`random_orthonormal_block`: seeded random directions orthonormal to a basis, to
   replace the directions lost on rank deficiency.
@@ -33,6 +35,7 @@ from typing import NamedTuple
 import torch
 
 from imc_kernels import ops
+from imc_kernels.reference import block_orth as _block_orth
 
 # tsmm_xty takes at most this many columns per operand; wider operands are split.
 _TSMM_MAX_COLUMNS = 512
@@ -48,15 +51,22 @@ class RankInfo(NamedTuple):
         deficient: ``()`` bool: the Cholesky failed, or some ``R_ii`` is at most
             ``tau * reference_i``; the returned ``Q`` must not be used as a basis then.
         ratio: ``(b,)`` float64, ``R_ii / reference_i``: how much of column ``i`` is new.
-        cholesky_info: ``()`` int32 from ``torch.linalg.cholesky_ex``; 0 on success.
+        cholesky_info: ``()`` int32, 0 on success, else the 1-based index of the first
+            failed pivot (LAPACK's ``info``).
         reference: ``(b,)`` float64, the norms the diagonal was compared with (non-finite
             exactly when the block held NaN or inf).
+        non_finite: ``()`` bool, the block held NaN or inf (set by
+            :func:`block_orthonormalize` only).
+        projections: ``()`` int32, projections against the basis (0, 1 or 2; set by
+            :func:`block_orthonormalize` only).
     """
 
     deficient: torch.Tensor
     ratio: torch.Tensor
     cholesky_info: torch.Tensor
     reference: torch.Tensor
+    non_finite: torch.Tensor | None = None
+    projections: torch.Tensor | None = None
 
 
 def default_rank_tol(dtype: torch.dtype) -> float:
@@ -303,6 +313,34 @@ DGKS_ETA = 0.7071067811865476
 SECOND_PROJECTION = ("always", "auto")
 
 
+def _fits_op(
+    basis: torch.Tensor,
+    block: torch.Tensor,
+    out: torch.Tensor | None,
+    work: torch.Tensor | None,
+    prior_norms_sq: torch.Tensor | None,
+) -> bool:
+    """Whether :func:`imc_kernels.ops.block_orth_step` takes these tensors as they are.
+
+    It reads and writes rows in place (unit column stride), so the column-major basis of the
+    single-vector CPU solver and blocks of other layouts take the composed path instead.
+    """
+    if block.dim() != 2 or basis.dim() != 2 or block.shape[0] < 1:
+        return False
+    if not 1 <= block.shape[1] <= _block_orth.MAX_BLOCK or basis.shape[0] != block.shape[0]:
+        return False
+    if block.dtype not in (torch.float32, torch.float64):
+        return False
+    tall = [t for t in (basis, block, out, work) if t is not None]
+    if any(t.dtype != block.dtype or t.device != block.device for t in tall):
+        return False
+    if prior_norms_sq is not None and (
+        prior_norms_sq.dtype != torch.float64 or prior_norms_sq.device != block.device
+    ):
+        return False
+    return all(_block_orth.rows_addressable(t) for t in tall)
+
+
 def block_orthonormalize(
     basis: torch.Tensor,
     block: torch.Tensor,
@@ -320,6 +358,12 @@ def block_orthonormalize(
     Hence ``W = V (C1 + C2 R1) + Q (R2 R1)``. Nothing synchronizes with the host unless
     ``second_projection="auto"``.
 
+    One call of :func:`imc_kernels.ops.block_orth_step` (the C++/CUDA op, or its twin
+    :mod:`imc_kernels.reference.block_orth`) when the layouts allow (rows addressable in
+    place, see :func:`_fits_op`) and ``reference`` is not given; otherwise the same steps
+    composed from :func:`project_out` and :func:`cholqr`'s pieces. Both satisfy the contract
+    below; they differ by rounding (the op's ``b x b`` Cholesky is its own loop).
+
     Args:
         basis: ``(n, m)`` orthonormal columns (``m`` may be 0).
         block: ``(n, b)``; overwritten with ``W1`` (the block after the first projection),
@@ -328,7 +372,8 @@ def block_orthonormalize(
             norms of the columns of ``block`` before the projection, enlarged by
             ``prior_norms_sq``.
         tau: rank tolerance, default :func:`default_rank_tol`.
-        out: optional ``(n, b)`` destination for ``Q``.
+        out: optional ``(n, b)`` destination for ``Q`` (may be a column slice of the basis
+            buffer past ``basis``'s columns).
         work: optional ``(n, b)`` scratch for ``Q1``.
         prior_norms_sq: ``(b,)`` float64 squared norms of parts the caller already projected
             out of ``block`` (along columns orthonormal to what is left), so the default
@@ -343,14 +388,54 @@ def block_orthonormalize(
     Returns:
         ``(C, Q, B, C1, rank_info)``: ``C = C1 + C2 R1`` ``(m, b)`` and ``B = R2 R1``
         ``(b, b)`` float64, with ``block_in = basis C + Q B``; ``C1`` alone (the coefficients
-        matching ``W1``); and the rank check of pass 1 (a deficient block's ``Q`` is
-        meaningless).
+        matching ``W1``); and the rank check of pass 1, with ``non_finite`` and
+        ``projections`` set. On a deficient step ``Q`` is ``W1``, ``C`` is ``C1`` and ``B`` is
+        zero (``block_in = basis C + W1``): the raw residual for a repair.
     """
     if second_projection not in SECOND_PROJECTION:
         raise ValueError(
             f"second_projection must be one of {SECOND_PROJECTION}, got {second_projection!r}"
         )
     tau = default_rank_tol(block.dtype) if tau is None else tau
+    if reference is None and _fits_op(basis, block, out, work, prior_norms_sq):
+        (n, b), m, device = block.shape, basis.shape[1], block.device
+        q = torch.empty(n, b, dtype=block.dtype, device=device) if out is None else out
+        if work is None:
+            work = torch.empty(n, b, dtype=block.dtype, device=device)
+        coeffs = torch.empty(m, b, dtype=torch.float64, device=device)
+        coeffs_first = torch.empty(m, b, dtype=torch.float64, device=device)
+        coupling = torch.empty(b, b, dtype=torch.float64, device=device)
+        flags, norms = ops.block_orth_step(
+            basis,
+            m,
+            block,
+            work,
+            q,
+            coeffs,
+            coeffs_first,
+            coupling,
+            tau=tau,
+            prior_norms_sq=prior_norms_sq,
+            auto_second_projection=second_projection == "auto",
+        )
+        info = RankInfo(
+            deficient=flags[_block_orth.FLAG_DEFICIENT] != 0,
+            ratio=norms[1],
+            cholesky_info=flags[_block_orth.FLAG_INFO_FIRST],
+            reference=norms[0],
+            non_finite=flags[_block_orth.FLAG_NON_FINITE] != 0,
+            projections=flags[_block_orth.FLAG_PROJECTIONS],
+        )
+        return coeffs, q, coupling, coeffs_first, info
+    return _block_orthonormalize_composed(
+        basis, block, reference, tau, out, work, prior_norms_sq, second_projection
+    )
+
+
+def _block_orthonormalize_composed(
+    basis, block, reference, tau, out, work, prior_norms_sq, second_projection
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, RankInfo]:
+    """:func:`block_orthonormalize` from :func:`project_out`, :func:`xty` and Cholesky pieces."""
     c1 = project_out(basis, block)
     gram1 = xty(block, block)
     # ||w_i||^2 = ||V^T w_i||^2 + ||w_i - V V^T w_i||^2 for orthonormal V: no extra pass.
@@ -360,20 +445,29 @@ def block_orthonormalize(
         reference = total.sqrt()
     r1, r1_inv, info = _cholesky_factor(gram1, reference, tau)
     q1 = torch.matmul(block, r1_inv.to(block.dtype), out=work)
-    project = True
-    if second_projection == "auto" and basis.shape[1] > 0:
+    m = basis.shape[1]
+    project = m > 0
+    if second_projection == "auto" and project:
         # R1_ii <= ||w1_i|| <= ||w_i||: one ratio covers both cancellation in the projection
         # and dependence among the block's own columns.
         kept = r1.diagonal() / norms_sq.sqrt()
         project = not bool((kept > DGKS_ETA).all())
+    coeffs = c1
     if project:
-        c2 = project_out(basis, q1)
-    else:
-        c2 = torch.zeros_like(c1)
+        coeffs = c1 + project_out(basis, q1) @ r1
     r2, r2_inv, info2 = _cholesky_factor(xty(q1, q1), torch.ones_like(reference), 0.0)
     q = torch.matmul(q1, r2_inv.to(block.dtype), out=out)
-    info = info._replace(deficient=info.deficient | (info2.cholesky_info != 0))
-    return c1 + c2 @ r1, q, r2 @ r1, c1, info
+    deficient = info.deficient | (info2.cholesky_info != 0)
+    # The op's contract on a deficient step: the raw residual W1, its C1, no coupling.
+    torch.where(deficient, block, q, out=q)
+    coeffs = torch.where(deficient, c1, coeffs)
+    coupling = torch.where(deficient, torch.zeros_like(r1), r2 @ r1)
+    non_finite = ~(torch.isfinite(c1).all() & torch.isfinite(reference).all())
+    projections = torch.tensor(
+        0 if m == 0 else (2 if project else 1), dtype=torch.int32, device=block.device
+    )
+    info = info._replace(deficient=deficient, non_finite=non_finite, projections=projections)
+    return coeffs, q, coupling, c1, info
 
 
 def svqb(
