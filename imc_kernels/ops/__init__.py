@@ -12,7 +12,9 @@ import torch
 
 from imc_kernels import _dispatch
 from imc_kernels.reference import activation as _ref_activation
+from imc_kernels.reference import block_orth as _ref_block_orth
 from imc_kernels.reference import cross_entropy as _ref_cross_entropy
+from imc_kernels.reference import masked_optim as _ref_masked_optim
 from imc_kernels.reference import tsmm as _ref_tsmm
 
 ACTIVATIONS = _ref_activation.ACTIVATIONS
@@ -172,3 +174,219 @@ def tsmm_xty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if backend == "cext":
         return torch.ops.imc_kernels.tsmm_xty(x, y)
     return _ref_tsmm.tsmm_xty(x, y)
+
+
+def _masked_optim_backend(param: torch.Tensor) -> str:
+    if not isinstance(param, torch.Tensor):
+        raise TypeError(f"param must be a tensor, got {type(param).__name__}")
+    return _dispatch.select(
+        "masked_optim", param.device, param.dtype, available=("triton", "reference")
+    )
+
+
+def masked_sgd_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    mask: torch.Tensor | None,
+    momentum_buffer: torch.Tensor | None,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    first_step: bool = False,
+    out_param: torch.Tensor | None = None,
+    out_momentum_buffer: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One masked SGD step over a flat fp32 buffer, as ``torch.optim.SGD`` plus the mask.
+
+    With ``g = grad`` where ``mask`` is nonzero and 0 elsewhere: ``d = g + weight_decay * p``;
+    with momentum the buffer becomes ``d`` (``first_step``) or
+    ``momentum * buf + (1 - dampening) * d``, and ``d`` becomes ``d + momentum * buf``
+    (Nesterov) or ``buf``; then ``p = p - lr * d``. Parameters and buffer are written as 0 on
+    pruned entries. All tensors are read flat, so one call updates every parameter packed in
+    the buffer.
+
+    Args:
+        param: contiguous float32 parameters, updated in place unless ``out_param`` is given.
+        grad: the gradient, same size, dtype and device.
+        mask: bool or uint8 (nonzero = kept), same size; None for no mask.
+        momentum_buffer: float32 momentum state, needed when ``momentum != 0``; updated in
+            place unless ``out_momentum_buffer`` is given.
+        lr: learning rate.
+        momentum: momentum factor.
+        dampening: dampening for momentum.
+        weight_decay: L2 penalty.
+        nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+        first_step: the buffer has no state yet (its contents are ignored).
+        out_param: optional buffer for the new parameters.
+        out_momentum_buffer: optional buffer for the new momentum state.
+
+    Returns:
+        ``(param, momentum_buffer or None)``: the buffers written.
+
+    Raises:
+        TypeError: non-float32 buffers or a mask that is not bool/uint8.
+        ValueError: mismatched sizes or devices, non-contiguous buffers, invalid
+            hyperparameters.
+
+    Example:
+        >>> p, g = torch.ones(3), torch.ones(3)
+        >>> masked_sgd_step(p, g, torch.tensor([True, False, True]), None, lr=0.5)[0]
+        tensor([0.5000, 0.0000, 0.5000])
+    """
+    kwargs = dict(
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        first_step=first_step,
+        out_param=out_param,
+        out_momentum_buffer=out_momentum_buffer,
+    )
+    if _masked_optim_backend(param) == "triton":
+        from imc_kernels.ops import masked_optim as _triton_masked_optim
+
+        return _triton_masked_optim.masked_sgd_step(param, grad, mask, momentum_buffer, **kwargs)
+    return _ref_masked_optim.masked_sgd_step(param, grad, mask, momentum_buffer, **kwargs)
+
+
+def masked_adam_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    mask: torch.Tensor | None,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    out_param: torch.Tensor | None = None,
+    out_exp_avg: torch.Tensor | None = None,
+    out_exp_avg_sq: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One masked Adam/AdamW step over a flat fp32 buffer, as ``torch.optim.Adam``/``AdamW``.
+
+    With ``g = grad`` where ``mask`` is nonzero and 0 elsewhere: ``p *= 1 - lr * weight_decay``
+    (decoupled) or ``g += weight_decay * p`` (L2); ``m = lerp(m, g, 1 - beta1)``;
+    ``v = beta2 * v + (1 - beta2) * g * g``;
+    ``p -= lr / (1 - beta1**step) * m / (sqrt(v) / sqrt(1 - beta2**step) + eps)``.
+    Parameters and moments are written as 0 on pruned entries.
+
+    Args:
+        param: contiguous float32 parameters, updated in place unless ``out_param`` is given.
+        grad: the gradient, same size, dtype and device.
+        mask: bool or uint8 (nonzero = kept), same size; None for no mask.
+        exp_avg: first moment, updated in place unless ``out_exp_avg`` is given.
+        exp_avg_sq: second moment, updated in place unless ``out_exp_avg_sq`` is given.
+        step: the step count after this update (1 on the first step).
+        lr: learning rate.
+        betas: ``(beta1, beta2)`` in ``[0, 1)``.
+        eps: term added to the denominator.
+        weight_decay: weight decay (L2, or decoupled with ``decoupled_weight_decay``).
+        decoupled_weight_decay: AdamW's decoupled decay.
+        out_param: optional buffer for the new parameters.
+        out_exp_avg: optional buffer for the new first moment.
+        out_exp_avg_sq: optional buffer for the new second moment.
+
+    Returns:
+        ``(param, exp_avg, exp_avg_sq)``: the buffers written.
+
+    Raises:
+        TypeError: non-float32 buffers or a mask that is not bool/uint8.
+        ValueError: mismatched sizes or devices, non-contiguous buffers, invalid
+            hyperparameters.
+
+    Example:
+        >>> p, g, m, v = torch.ones(2), torch.ones(2), torch.zeros(2), torch.zeros(2)
+        >>> masked_adam_step(p, g, torch.tensor([True, False]), m, v, step=1, lr=0.1)[0]
+        tensor([0.9000, 0.0000])
+    """
+    kwargs = dict(
+        step=step,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        out_param=out_param,
+        out_exp_avg=out_exp_avg,
+        out_exp_avg_sq=out_exp_avg_sq,
+    )
+    if _masked_optim_backend(param) == "triton":
+        from imc_kernels.ops import masked_optim as _triton_masked_optim
+
+        return _triton_masked_optim.masked_adam_step(
+            param, grad, mask, exp_avg, exp_avg_sq, **kwargs
+        )
+    return _ref_masked_optim.masked_adam_step(param, grad, mask, exp_avg, exp_avg_sq, **kwargs)
+
+
+def block_orth_step(
+    basis: torch.Tensor,
+    filled: int,
+    block: torch.Tensor,
+    work: torch.Tensor,
+    q: torch.Tensor,
+    coeffs: torch.Tensor,
+    coeffs_first: torch.Tensor,
+    coupling: torch.Tensor,
+    *,
+    tau: float,
+    prior_norms_sq: torch.Tensor | None = None,
+    auto_second_projection: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block orthogonalization step of block Lanczos, written into preallocated outputs.
+
+    BCGS2 with a Cholesky QR inside each pass against ``V = basis[:, :filled]``, every
+    projection and Gram accumulated in float64, so that ``W = V C + Q B`` with ``Q``
+    orthonormal and orthogonal to ``V``. The math, the rank check and the flags are spelled out
+    in :mod:`imc_kernels.reference.block_orth`, the op's pure-PyTorch twin.
+
+    Nothing synchronizes with the host, except with ``auto_second_projection`` (the DGKS
+    decision between the passes is read once).
+
+    Args:
+        basis: ``(n, >= filled)`` orthonormal columns in its leading ``filled``; any row stride,
+            unit column stride (a column slice of the Lanczos buffer is read in place).
+        filled: basis columns to project against.
+        block: ``(n, b)`` the block ``W``, ``1 <= b <= 512``; overwritten with
+            ``W1 = W - V C1``.
+        work: ``(n, b)`` scratch (holds ``W2`` afterwards).
+        q: ``(n, b)`` receives ``Q`` (``W1`` on a deficient step). May be a column slice of
+            the basis buffer outside its first ``filled`` columns.
+        coeffs: ``(filled, b)`` float64, receives ``C = C1 + C2 R1`` (``C1`` if deficient).
+        coeffs_first: ``(filled, b)`` float64, receives ``C1``.
+        coupling: ``(b, b)`` float64, receives ``B = R2 R1`` (zeros if deficient).
+        tau: relative rank tolerance (see
+            :func:`imc_kernels.linalg.orthogonalize.default_rank_tol`).
+        prior_norms_sq: ``(b,)`` float64 squared norms already projected out of the block
+            by the caller, added to the rank check's reference norms.
+        auto_second_projection: skip the second projection when the DGKS test allows.
+
+    Returns:
+        ``(flags, norms)``: ``(5,)`` int32 ``[deficient, non_finite, cholesky info pass 1,
+        pass 2, projections]`` and ``(2, b)`` float64 ``[reference; R1_ii / reference]``, on
+        the block's device.
+    """
+    _ref_block_orth.check_inputs(
+        basis, filled, block, work, q, coeffs, coeffs_first, coupling, prior_norms_sq, tau
+    )
+    backend = _dispatch.select(
+        "block_orth",
+        block.device,
+        block.dtype,
+        available=("cext", "reference"),
+        cext_op="block_orth_step",
+    )
+    args = (basis, filled, block, work, q, coeffs, coeffs_first, coupling, prior_norms_sq)
+    if backend == "cext":
+        return torch.ops.imc_kernels.block_orth_step(
+            *args, float(tau), bool(auto_second_projection)
+        )
+    return _ref_block_orth.block_orth_step(*args, float(tau), bool(auto_second_projection))
