@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)" numpy pybind11 ninja pytest \
-		ruff==0.17.6 scipy tqdm
+		ruff==0.17.6 scipy tqdm matplotlib==3.11.2 scikit-learn==1.9.1
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -1,0 +1,874 @@
+"""IMC: one-shot pruning from the loss Hessian's spectral gap (DESIGN section 5).
+
+Zhang et al., "Validating the Lottery Ticket Hypothesis with Inertial Manifold Theory"
+(NeurIPS 2021). Around the weights ``W*`` reached by a short warm-up, gradient flow in
+``U = W - W*`` reads ``dU/dt = -A U + F(U)`` with ``A = Hess L(W*)`` and the nonlinear remainder
+``F(U) = A U - grad L(W* + U)``. When the spectrum of ``A`` has a gap wider than ``c`` times the
+Lipschitz constant of ``F``, the modes above the gap are slaved to an inertial manifold of
+dimension ``n`` (the modes below it): the network needs about ``n`` of its ``d`` weights and
+the prune rate is ``1 - n / d = 1 - Phi(gap)``, with ``Phi`` the spectrum's cumulative
+distribution.
+
+Each step is a function that can be called and tested alone:
+
+1. :func:`warmup`: ``warmup_steps`` SGD iterations from ``W0`` give ``W*``.
+2. :func:`spectrum`: the SLQ spectral density and the top eigenpairs of ``A`` (block Lanczos).
+3. :func:`lipschitz`: ``L = sup ||A - Hess L(W* + U)||_2`` over ``||U||_p <= eps``, by
+   Lanczos on Hessian-vector-product differences at a few random ``U``.
+4. :func:`spectral_gap`: the smallest ``n >= #{lambda <= 0}`` with
+   ``lambda_{n+1} - lambda_n > c L``, and the prune rate.
+5. :func:`scores`: ``magnitude``, ``leverage`` or ``curvature``.
+6. :func:`imc_prune.masks.masks_from_scores`: global or layer-wise masks.
+7. :func:`rewind`: survivors back to ``W0`` (default) or kept at ``W*``.
+
+:func:`imc` runs them in order and returns an :class:`IMCResult` that carries everything that
+explains the decision.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import imc_kernels
+from imc_kernels.linalg import block_lanczos
+from imc_prune.data import DatasetSplits, first_batch, iterate_batches
+from imc_prune.masks import apply_masks, masks_from_scores, prunable_parameters, sparsity_report
+
+SCORES = ("magnitude", "leverage", "curvature")
+REWINDS = ("init", "warmup")
+
+# Upper bound on the points of the grid the smoothed cumulative distribution is evaluated on
+# (memory and time are linear in it: 2**20 points x 512 quadrature nodes is about 2 s on CPU).
+_MAX_GRID = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# Step 1: warm-up
+
+
+@dataclasses.dataclass
+class Warmup:
+    """The two weight states IMC works between.
+
+    Attributes:
+        initial: ``W0``, a ``state_dict`` copy (the rewind point).
+        trained: ``W*``, a ``state_dict`` copy after the warm-up.
+        steps: SGD iterations taken.
+        losses: the training loss at each iteration.
+        lr: the SGD learning rate.
+        batch_size: training batch size.
+    """
+
+    initial: dict[str, torch.Tensor]
+    trained: dict[str, torch.Tensor]
+    steps: int
+    losses: list[float]
+    lr: float
+    batch_size: int
+
+
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    raise ValueError("the model has no parameters")
+
+
+def warmup(
+    model: nn.Module,
+    train_set,
+    *,
+    steps: int = 10,
+    lr: float = 0.1,
+    momentum: float = 0.0,
+    batch_size: int = 128,
+    loss_fn: Callable | None = None,
+    seed: int = 0,
+) -> Warmup:
+    """Step 1: ``steps`` plain SGD iterations from the model's current weights ``W0``.
+
+    The model is trained in place (train mode, then left in eval mode) and ends at ``W*``.
+
+    Args:
+        model: the network at ``W0``.
+        train_set: a ``torch.utils.data.Dataset`` of ``(input, target)`` pairs.
+        steps: SGD iterations (0 keeps ``W* = W0``).
+        lr: learning rate.
+        momentum: SGD momentum.
+        batch_size: samples per iteration.
+        loss_fn: ``loss_fn(output, target) -> scalar``; None means cross-entropy.
+        seed: seed of the batch order.
+
+    Returns:
+        A :class:`Warmup` with copies of ``W0`` and ``W*``.
+
+    Raises:
+        ValueError: negative ``steps``, non-positive ``lr`` or ``batch_size``.
+
+    Example:
+        >>> w = warmup(model, splits.train, steps=10)
+        >>> len(w.losses)
+        10
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"warm-up steps must be a non-negative integer, got {steps!r}")
+    if not lr > 0:
+        raise ValueError(f"warm-up lr must be positive, got {lr!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"warm-up batch_size must be a positive integer, got {batch_size!r}")
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    device = _model_device(model)
+    initial = _state_copy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    generator = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    model.train()
+    while len(losses) < steps:
+        for inputs, targets in iterate_batches(
+            train_set, batch_size, shuffle=True, generator=generator
+        ):
+            if len(losses) == steps:
+                break
+            inputs, targets = inputs.to(device), targets.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(inputs), targets)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"warm-up: the loss is {float(loss)} at iteration {len(losses) + 1}; "
+                    f"lower the warm-up lr (now {lr})"
+                )
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    model.eval()
+    return Warmup(initial, _state_copy(model), steps, losses, lr, batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Step 2: spectrum
+
+
+@dataclasses.dataclass
+class Spectrum:
+    """The spectrum of ``A = Hess L(W*)``: SLQ density plus exact top eigenpairs.
+
+    Attributes:
+        density: the :class:`imc_kernels.spectral.SpectralDensity` (nodes, weights per probe).
+        top: the :class:`imc_kernels.spectral.EigenResult` of the top ``k`` eigenpairs.
+        dim: ``d``, the number of trainable parameters.
+        sigma: the Gaussian width used to smooth the density.
+        n_hvps: Hessian-vector products spent on both.
+        seconds: wall time of both.
+    """
+
+    density: Any
+    top: Any
+    dim: int
+    sigma: float
+    n_hvps: int
+    seconds: float
+
+    @property
+    def top_eigenvalues(self) -> torch.Tensor:
+        """``(k,)`` float64, descending."""
+        return self.top.eigenvalues.detach().cpu()
+
+    def curve(self, n_grid: int = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(grid, density, cdf)`` of the smoothed density, numpy float64, for plots."""
+        grid, dens, cdf = self.density.density(sigma=self.sigma, n_grid=n_grid)
+        return grid.numpy(), dens.numpy(), cdf.numpy()
+
+    def cdf(self, x) -> np.ndarray:
+        """Smoothed fraction of eigenvalues ``<= x`` (the ``Phi`` of the prune-rate rule)."""
+        return self.density.fraction_below(torch.as_tensor(x), sigma=self.sigma).numpy()
+
+
+def _default_sigma(density, top_eigenvalues: torch.Tensor) -> float:
+    """PyHessian's smoothing: a width proportional to the spectrum's range (1e-2 of it, the
+    default of :func:`imc_kernels.linalg.slq.density_on_grid`), the range taken from the
+    quadrature nodes and the exact top eigenvalue together."""
+    lo = float(density.nodes.min())
+    hi = max(float(density.nodes.max()), float(top_eigenvalues.max()))
+    return max(hi - lo, 1e-12) * 1e-2
+
+
+def spectrum(
+    model: nn.Module,
+    batch,
+    *,
+    k: int = 32,
+    n_probes: int = 8,
+    steps: int = 64,
+    tol: float = 1e-4,
+    loss_fn: Callable | None = None,
+    curvature: str = "hessian",
+    engine: str = "auto",
+    sigma: float | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Spectrum:
+    """Step 2: spectral density (SLQ) and top-``k`` eigenpairs of the loss Hessian at ``W*``.
+
+    Both run on one :class:`imc_kernels.HessianOperator` (eval mode), so its primal forward
+    and backward are computed once.
+
+    Args:
+        model: the network at ``W*``.
+        batch: ``(inputs, targets)`` on the model's device: the Hessian's batch.
+        k: top eigenpairs (block Lanczos, ``which="LA"``) that resolve the outliers exactly.
+        n_probes, steps: SLQ probes and Lanczos steps per probe.
+        tol: eigenpair tolerance (relative to ``||A||``).
+        loss_fn: as in :class:`imc_kernels.HessianOperator`.
+        curvature: ``"hessian"`` or ``"ggn"``.
+        engine: HVP engine.
+        sigma: smoothing width of the density; default 1 % of the spectrum's range.
+        seed: seed of the probes and of the Lanczos start block.
+        progress: tqdm bars.
+
+    Returns:
+        A :class:`Spectrum`.
+
+    Example:
+        >>> spec = spectrum(model, batch, k=8)
+        >>> spec.top_eigenvalues[:3]
+    """
+    started = time.perf_counter()
+    operator = imc_kernels.HessianOperator(
+        model, loss_fn, batch, curvature=curvature, engine=engine
+    )
+    k = min(k, int(operator.dim) - 1)
+    density = imc_kernels.spectral_density(
+        operator, None, n_probes=n_probes, steps=steps, seed=seed, progress=progress
+    )
+    top = imc_kernels.top_eigvecs(operator, None, k, tol=tol, seed=seed, progress=progress)
+    if sigma is None:
+        sigma = _default_sigma(density, top.eigenvalues.cpu())
+    elif not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma!r}")
+    return Spectrum(
+        density=density,
+        top=top,
+        dim=int(operator.dim),
+        sigma=float(sigma),
+        n_hvps=int(density.n_hvps) + int(top.n_hvps),
+        seconds=time.perf_counter() - started,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Step 3: Lipschitz constant of the nonlinear remainder
+
+
+@dataclasses.dataclass
+class Lipschitz:
+    """Estimate of ``Lip(F) = sup ||A - Hess L(W* + U)||_2`` over ``||U||_p <= eps``.
+
+    A maximum over sampled directions, so a lower bound of the supremum in principle; the
+    spread over directions shows how tight it is.
+
+    Attributes:
+        value: the estimate, the largest of ``per_direction``.
+        per_direction: ``||A - Hess L(W* + U_j)||_2`` for each sampled ``U_j``.
+        eps: the ball's radius.
+        p: the ball's norm.
+        n_hvps: Hessian-vector products spent (both operators counted).
+        seconds: wall time.
+    """
+
+    value: float
+    per_direction: list[float]
+    eps: float
+    p: float
+    n_hvps: int
+    seconds: float
+
+
+def _flat_trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [param for param in model.parameters() if param.requires_grad]
+
+
+def lipschitz(
+    model: nn.Module,
+    batch,
+    *,
+    eps: float = 0.01,
+    p: float = 2.0,
+    n_directions: int = 3,
+    tol: float = 1e-2,
+    max_hvps: int = 200,
+    loss_fn: Callable | None = None,
+    curvature: str = "hessian",
+    engine: str = "auto",
+    seed: int = 0,
+    progress: bool = False,
+) -> Lipschitz:
+    """Step 3: the Lipschitz constant of ``F(U) = A U - grad L(W* + U)`` on the ``l_p`` ball.
+
+    ``DF(U) = A - Hess L(W* + U)``, so ``Lip(F) = sup_U ||A - Hess L(W* + U)||_2``. For each of
+    ``n_directions`` random ``U`` on the sphere ``||U||_p = eps`` (the supremum of a norm of a
+    difference that grows with ``||U||`` sits on the boundary), the spectral norm of the
+    symmetric difference operator is the largest-magnitude eigenvalue, found by block Lanczos
+    (``which="LM"``) on differences of Hessian-vector products at ``W*`` and ``W* + U``.
+
+    Args:
+        model: the network at ``W*`` (not modified).
+        batch: the Hessian's batch.
+        eps: radius of the ball.
+        p: norm of the ball (``p >= 1``, ``math.inf`` allowed).
+        n_directions: random ``U`` sampled.
+        tol: relative tolerance of each norm (1e-2: the gap test compares it with a spacing,
+            two digits decide it).
+        max_hvps: cap per direction on products of the difference operator.
+        loss_fn, curvature, engine: as for :func:`spectrum`.
+        seed: seed of the directions and of the Lanczos start blocks.
+        progress: tqdm bars.
+
+    Returns:
+        A :class:`Lipschitz`.
+
+    Raises:
+        ValueError: ``eps <= 0``, ``p < 1``, ``n_directions < 1``.
+
+    Example:
+        >>> lip = lipschitz(model, batch, eps=0.01)
+        >>> lip.value > 0
+        True
+    """
+    if not eps > 0 or not math.isfinite(eps):
+        raise ValueError(f"eps must be a positive finite radius, got {eps!r}")
+    if not p >= 1:
+        raise ValueError(f"p must be at least 1 (an l_p norm), got {p!r}")
+    if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 1:
+        raise ValueError(f"n_directions must be a positive integer, got {n_directions!r}")
+    started = time.perf_counter()
+    center = imc_kernels.HessianOperator(model, loss_fn, batch, curvature=curvature, engine=engine)
+    dim = int(center.dim)
+    generator = torch.Generator().manual_seed(seed)
+    values: list[float] = []
+    n_hvps = 0
+    for direction in range(n_directions):
+        shift = torch.randn(dim, generator=generator, dtype=torch.float64)
+        shift *= eps / float(torch.linalg.vector_norm(shift, ord=p))
+        shifted_model = copy.deepcopy(model)
+        params = _flat_trainable(shifted_model)
+        with torch.no_grad():
+            offset = 0
+            for param in params:
+                count = param.numel()
+                param.add_(shift[offset : offset + count].view_as(param).to(param))
+                offset += count
+        shifted = imc_kernels.HessianOperator(
+            shifted_model, loss_fn, batch, curvature=curvature, engine=engine
+        )
+
+        def difference(block, center=center, shifted=shifted):
+            return center.matmat(block) - shifted.matmat(block)
+
+        first = next(iter(params))
+        res = block_lanczos(
+            difference,
+            dim,
+            1,
+            which="LM",
+            tol=tol,
+            max_matvecs=max_hvps,
+            seed=seed + direction,
+            dtype=first.dtype,
+            device=first.device,
+            progress="lipschitz" if progress else False,
+        )
+        values.append(abs(float(res.eigenvalues[0])))
+        n_hvps += 2 * res.n_matvecs
+    return Lipschitz(
+        value=max(values),
+        per_direction=values,
+        eps=float(eps),
+        p=float(p),
+        n_hvps=n_hvps,
+        seconds=time.perf_counter() - started,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Step 4: spectral gap and prune rate
+
+
+@dataclasses.dataclass
+class Gap:
+    """The spectral gap that satisfies the inertial-manifold condition.
+
+    Eigenvalues are indexed ascending, ``lambda_1 <= ... <= lambda_d``.
+
+    Attributes:
+        n: modes at or below the gap: the inertial manifold's dimension, the weights kept.
+        lower: ``lambda_n``, the gap's lower edge.
+        upper: ``lambda_{n+1}``, its upper edge.
+        width: ``upper - lower``.
+        threshold: ``c * L``, the width the condition asks for.
+        c: the constant.
+        n_nonpositive: ``#{lambda <= 0}``, where the search starts.
+        dim: ``d``.
+        prune_rate: ``1 - n / d = 1 - Phi(gap)``.
+        source: ``"density"`` (the gap lies in the smoothed bulk), ``"bulk-edge"`` (between the
+            bulk and the lowest exact eigenvalue) or ``"eigenvalues"`` (between exact
+            eigenvalues), or ``"none"`` (no gap wide enough: nothing is pruned).
+        resolution: grid spacing of the density's quantiles (gaps are exact to about this).
+    """
+
+    n: int
+    lower: float
+    upper: float
+    width: float
+    threshold: float
+    c: float
+    n_nonpositive: int
+    dim: int
+    prune_rate: float
+    source: str
+    resolution: float
+
+
+def _cdf_on_grid(spec: Spectrum, lo: float, hi: float, points: int) -> tuple:
+    grid = torch.linspace(lo, hi, points, dtype=torch.float64)
+    chunks = [spec.density.fraction_below(part, sigma=spec.sigma) for part in grid.split(1 << 15)]
+    cdf = torch.cat(chunks).numpy()
+    return grid.numpy(), np.maximum.accumulate(cdf)
+
+
+def spectral_gap(spec: Spectrum, lipschitz_constant: float, *, c: float = 4.0) -> Gap:
+    """Step 4: the smallest ``n >= #{lambda <= 0}`` with ``lambda_{n+1} - lambda_n > c L``.
+
+    The ascending eigenvalue sequence is read from the spectrum: the bulk from the quantiles
+    of the smoothed SLQ distribution, ``lambda_n = Phi^{-1}((n - 1/2) / d)``, the top ``k``
+    from the exact Lanczos eigenvalues (the density cannot place isolated outliers). The prune
+    rate is the fraction above the gap, ``1 - n / d``.
+
+    Args:
+        spec: the :class:`Spectrum` at ``W*``.
+        lipschitz_constant: ``L``, from :func:`lipschitz`.
+        c: the constant of the gap condition: 4 by default, 2 is the sharp constant.
+
+    Returns:
+        A :class:`Gap`; when no gap is wide enough, ``n = d`` and ``prune_rate = 0``
+        (``source="none"``).
+
+    Raises:
+        ValueError: a negative or non-finite ``lipschitz_constant``, ``c <= 0``.
+
+    Example:
+        >>> gap = spectral_gap(spec, lip.value, c=4.0)
+        >>> gap.prune_rate
+    """
+    if not (math.isfinite(lipschitz_constant) and lipschitz_constant >= 0):
+        raise ValueError(f"lipschitz_constant must be finite and >= 0, got {lipschitz_constant}")
+    if not c > 0:
+        raise ValueError(f"c must be positive, got {c!r}")
+    dim = spec.dim
+    top = np.sort(spec.top_eigenvalues.numpy())  # ascending, the exact lambda_{d-k+1..d}
+    k = top.size
+    threshold = c * lipschitz_constant
+    nodes = spec.density.nodes
+    lo = float(nodes.min()) - 5 * spec.sigma
+    hi = max(float(nodes.max()), float(top[-1])) + 5 * spec.sigma
+    # Grid fine enough that a gap of width `threshold` spans several points.
+    points = int(min(_MAX_GRID, max(1 << 14, math.ceil(4 * (hi - lo) / max(threshold, 1e-300)))))
+    grid, cdf = _cdf_on_grid(spec, lo, hi, points)
+    resolution = (hi - lo) / (points - 1)
+    n_nonpositive = int(round(dim * float(np.interp(0.0, grid, cdf))))
+    n_nonpositive = min(n_nonpositive, dim - k)
+
+    def found(n: int, lower: float, upper: float, source: str) -> Gap:
+        return Gap(
+            n=n,
+            lower=float(lower),
+            upper=float(upper),
+            width=float(upper - lower),
+            threshold=threshold,
+            c=float(c),
+            n_nonpositive=n_nonpositive,
+            dim=dim,
+            prune_rate=1.0 - n / dim,
+            source=source,
+            resolution=resolution,
+        )
+
+    # Bulk: lambda_n for n = n_nonpositive .. d - k (1-based), quantiles of the smoothed cdf.
+    first, last = max(n_nonpositive, 1), dim - k
+    if last >= first:
+        levels = (np.arange(first, last + 1, dtype=np.float64) - 0.5) / dim
+        bulk = grid[np.minimum(np.searchsorted(cdf, levels, side="left"), grid.size - 1)]
+        widths = np.diff(bulk)
+        hits = np.flatnonzero(widths > threshold)
+        if hits.size:
+            i = int(hits[0])
+            return found(first + i, bulk[i], bulk[i + 1], "density")
+        # Between the bulk's top and the lowest exact eigenvalue.
+        if top[0] - bulk[-1] > threshold:
+            return found(last, bulk[-1], top[0], "bulk-edge")
+    # Among the exact top eigenvalues: lambda_{d-k+j} = top[j - 1].
+    widths = np.diff(top)
+    for j in range(widths.size):
+        n = dim - k + j + 1
+        if n >= n_nonpositive and top[j] > 0 and widths[j] > threshold:
+            return found(n, top[j], top[j + 1], "eigenvalues")
+    return Gap(
+        n=dim,
+        lower=float(top[-1]),
+        upper=float("inf"),
+        width=float("inf"),
+        threshold=threshold,
+        c=float(c),
+        n_nonpositive=n_nonpositive,
+        dim=dim,
+        prune_rate=0.0,
+        source="none",
+        resolution=resolution,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Step 5: scores
+
+
+def _split_flat(model: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A flat vector in the order of the trainable parameters, as a dict name -> tensor."""
+    out, offset = {}, 0
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        count = param.numel()
+        out[name] = flat[offset : offset + count].view(param.shape)
+        offset += count
+    if offset != flat.shape[0]:
+        raise ValueError(
+            f"a vector of length {flat.shape[0]} does not match the model's {offset} trainable "
+            "parameters"
+        )
+    return out
+
+
+def scores(
+    model: nn.Module,
+    spec: Spectrum | None = None,
+    *,
+    method: str = "magnitude",
+    p: float = 2.0,
+) -> dict[str, torch.Tensor]:
+    """Step 5: a score per prunable weight (higher is kept).
+
+    * ``magnitude``: ``|w_i|`` at ``W*`` (the authors' later code).
+    * ``leverage``: ``||P e_i||_2 = ||V_i||_2``, with ``P = V V^T`` the projector on the top
+      eigenvectors ``V`` (the row norm: how much of the top curvature subspace runs through
+      weight ``i``).
+    * ``curvature``: ``|w_i| * sqrt(sum_j max(lambda_j, 0) V_ij^2)``: eigenvalue-weighted
+      leverage times magnitude.
+
+    Args:
+        model: the network at ``W*``.
+        spec: the :class:`Spectrum` (needed for ``leverage`` and ``curvature``).
+        method: one of :data:`SCORES`.
+        p: the norm of the leverage; only 2 (for ``p != 2`` ``||P e_i||_p`` needs the dense
+            ``d x d`` projector).
+
+    Returns:
+        ``dict`` prunable parameter name -> float32 score tensor of the weight's shape.
+
+    Raises:
+        ValueError: unknown method, ``spec`` missing, ``p != 2``.
+    """
+    if method not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {method!r}")
+    prunable = prunable_parameters(model)
+    if method == "magnitude":
+        return {name: param.detach().abs().float() for name, param in prunable.items()}
+    if spec is None:
+        raise ValueError(f"score {method!r} needs the spectrum (spec=)")
+    if p != 2:
+        raise ValueError(
+            f"leverage with p={p} needs the dense d x d projector; only p=2 is supported"
+        )
+    vectors = spec.top.eigenvectors.detach()
+    if method == "leverage":
+        flat = vectors.pow(2).sum(1).sqrt()
+    else:
+        lam = spec.top.eigenvalues.detach().clamp_min(0).to(vectors)
+        flat = (vectors.pow(2) * lam).sum(1).sqrt()
+    per_param = _split_flat(model, flat)
+    out = {}
+    for name, param in prunable.items():
+        score = per_param[name].float()
+        if method == "curvature":
+            score = score * param.detach().abs().float()
+        out[name] = score
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Step 7: rewind
+
+
+def rewind(
+    model: nn.Module, masks: dict[str, torch.Tensor], warm: Warmup, *, to: str = "init"
+) -> nn.Module:
+    """Step 7: load ``W0`` (``to="init"``) or keep ``W*`` (``to="warmup"``), then zero the
+    pruned weights; in place, returns the model."""
+    if to not in REWINDS:
+        raise ValueError(f"rewind must be one of {', '.join(REWINDS)}, got {to!r}")
+    model.load_state_dict(warm.initial if to == "init" else warm.trained)
+    apply_masks(model, masks)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclasses.dataclass
+class IMCResult:
+    """Everything IMC decided and why.
+
+    Attributes:
+        masks: ``dict`` prunable parameter name -> bool mask (True kept).
+        sparsity: fraction of the prunable weights pruned.
+        auto_sparsity: the sparsity the spectral gap gives (also when ``sparsity`` was set).
+        spectrum: the :class:`Spectrum` at ``W*``.
+        lipschitz: the :class:`Lipschitz` estimate.
+        gap: the :class:`Gap`.
+        warmup: the :class:`Warmup` (``W0``, ``W*``, losses).
+        model: the pruned model, rewound per ``rewind``.
+        layers: per-layer sparsity from :func:`imc_prune.masks.sparsity_report`.
+        timings: seconds per step.
+        n_hvps: Hessian-vector products spent (spectrum and Lipschitz).
+        settings: the choices used.
+    """
+
+    masks: dict[str, torch.Tensor]
+    sparsity: float
+    auto_sparsity: float
+    spectrum: Spectrum
+    lipschitz: Lipschitz
+    gap: Gap
+    warmup: Warmup
+    model: nn.Module
+    layers: dict[str, Any]
+    timings: dict[str, float]
+    n_hvps: int
+    settings: dict[str, Any]
+
+    @property
+    def weights_remaining(self) -> float:
+        """Fraction of the prunable weights kept."""
+        return 1.0 - self.sparsity
+
+    def gradient_equivalents(self, hvp_cost: float = 2.0) -> float:
+        """IMC's spectral work in gradient evaluations over the Hessian batch: ``n_hvps``
+        times the cost of one HVP in gradients (about 2 for the fused engine)."""
+        return self.n_hvps * hvp_cost
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready summary (no tensors)."""
+        gap = dataclasses.asdict(self.gap)
+        for key in ("upper", "width"):
+            if not math.isfinite(gap[key]):
+                gap[key] = None
+        return {
+            "sparsity": self.sparsity,
+            "auto_sparsity": self.auto_sparsity,
+            "weights_remaining": self.weights_remaining,
+            "top_eigenvalues": [float(x) for x in self.spectrum.top_eigenvalues],
+            "top_residuals": [float(x) for x in self.spectrum.top.residuals.cpu()],
+            "lipschitz": self.lipschitz.value,
+            "lipschitz_per_direction": self.lipschitz.per_direction,
+            "gap": gap,
+            "warmup_losses": self.warmup.losses,
+            "layers": self.layers,
+            "timings": self.timings,
+            "n_hvps": self.n_hvps,
+            "settings": self.settings,
+        }
+
+
+def _hessian_batch(data, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = first_batch(data, size)
+    return inputs.to(device), targets.to(device)
+
+
+def imc(
+    model: nn.Module,
+    data: DatasetSplits | torch.utils.data.Dataset,
+    *,
+    sparsity: str | float = "auto",
+    warmup_steps: int = 10,
+    warmup_lr: float = 0.1,
+    warmup_batch_size: int = 128,
+    hessian_batch_size: int = 1024,
+    k: int = 32,
+    n_probes: int = 8,
+    steps: int = 64,
+    eps: float = 0.01,
+    p: float = 2.0,
+    n_directions: int = 3,
+    c: float = 4.0,
+    score: str = "magnitude",
+    scope: str = "global",
+    rewind_to: str = "init",
+    curvature: str = "hessian",
+    engine: str = "auto",
+    loss_fn: Callable | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> IMCResult:
+    """IMC end to end: warm-up, spectrum, Lipschitz, gap, scores, masks, rewind.
+
+    The caller's model is not modified: IMC works on a copy, returned pruned in
+    ``result.model``.
+
+    Args:
+        model: the network at its initialisation ``W0``.
+        data: a :class:`imc_prune.data.DatasetSplits` (its ``train`` split is used) or a
+            training ``Dataset``.
+        sparsity: ``"auto"`` (the rate from the spectral gap) or a fraction of the prunable
+            weights to prune, in ``[0, 1)``.
+        warmup_steps, warmup_lr, warmup_batch_size: step 1.
+        hessian_batch_size: samples in the Hessian's batch (the first of the training set).
+        k, n_probes, steps: step 2 (top eigenpairs; SLQ probes and steps).
+        eps, p, n_directions: step 3.
+        c: step 4's constant.
+        score: step 5, one of :data:`SCORES`.
+        scope: ``"global"`` or ``"layerwise"`` masks.
+        rewind_to: ``"init"`` (``W0``) or ``"warmup"`` (keep ``W*``).
+        curvature: ``"hessian"`` or ``"ggn"``.
+        engine: HVP engine.
+        loss_fn: None for cross-entropy.
+        seed: seeds the warm-up order, the probes and the Lanczos start blocks.
+        progress: tqdm bars.
+
+    Returns:
+        An :class:`IMCResult`.
+
+    Raises:
+        ValueError: a bad ``sparsity``, score, scope or rewind choice (and the errors of each
+            step).
+
+    Example:
+        >>> splits = imc_prune.data.load_dataset("digits", flatten=True)
+        >>> net = imc_prune.models.build_model("lenet300100", input_shape=(64,))
+        >>> res = imc_prune.imc(net, splits, sparsity=0.9)
+        >>> round(res.weights_remaining, 2)
+        0.1
+    """
+    if sparsity != "auto" and not (
+        isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool) and 0 <= sparsity < 1
+    ):
+        raise ValueError(f"sparsity must be 'auto' or a fraction in [0, 1), got {sparsity!r}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+    if rewind_to not in REWINDS:
+        raise ValueError(f"rewind_to must be one of {', '.join(REWINDS)}, got {rewind_to!r}")
+    if scope not in ("global", "layerwise"):
+        raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
+    train_set = data.train if isinstance(data, DatasetSplits) else data
+    settings = {
+        "sparsity": sparsity,
+        "warmup_steps": warmup_steps,
+        "warmup_lr": warmup_lr,
+        "warmup_batch_size": warmup_batch_size,
+        "hessian_batch_size": hessian_batch_size,
+        "k": k,
+        "n_probes": n_probes,
+        "steps": steps,
+        "eps": eps,
+        "p": p,
+        "n_directions": n_directions,
+        "c": c,
+        "score": score,
+        "scope": scope,
+        "rewind_to": rewind_to,
+        "curvature": curvature,
+        "engine": engine,
+        "seed": seed,
+    }
+    timings: dict[str, float] = {}
+    work = copy.deepcopy(model)
+    device = _model_device(work)
+
+    started = time.perf_counter()
+    warm = warmup(
+        work,
+        train_set,
+        steps=warmup_steps,
+        lr=warmup_lr,
+        batch_size=warmup_batch_size,
+        loss_fn=loss_fn,
+        seed=seed,
+    )
+    timings["warmup"] = time.perf_counter() - started
+
+    batch = _hessian_batch(train_set, hessian_batch_size, device)
+    spec = spectrum(
+        work,
+        batch,
+        k=k,
+        n_probes=n_probes,
+        steps=steps,
+        loss_fn=loss_fn,
+        curvature=curvature,
+        engine=engine,
+        seed=seed,
+        progress=progress,
+    )
+    timings["spectrum"] = spec.seconds
+
+    lip = lipschitz(
+        work,
+        batch,
+        eps=eps,
+        p=p,
+        n_directions=n_directions,
+        loss_fn=loss_fn,
+        curvature=curvature,
+        engine=engine,
+        seed=seed,
+        progress=progress,
+    )
+    timings["lipschitz"] = lip.seconds
+
+    started = time.perf_counter()
+    gap = spectral_gap(spec, lip.value, c=c)
+    n_prunable = sum(param.numel() for param in prunable_parameters(work).values())
+    # The rule prunes d - n of all d weights; only weight matrices are prunable, so the same
+    # count is a larger fraction of them (capped below 1).
+    auto_sparsity = min((gap.dim - gap.n) / n_prunable, 1.0 - 1.0 / n_prunable)
+    chosen = auto_sparsity if sparsity == "auto" else float(sparsity)
+    weight_scores = scores(work, spec, method=score)
+    masks = masks_from_scores(weight_scores, chosen, scope=scope)
+    timings["gap_and_masks"] = time.perf_counter() - started
+
+    rewind(work, masks, warm, to=rewind_to)
+    report = sparsity_report(work, masks)
+    return IMCResult(
+        masks=masks,
+        sparsity=1.0 - float(report["weights_remaining"]),
+        auto_sparsity=float(auto_sparsity),
+        spectrum=spec,
+        lipschitz=lip,
+        gap=gap,
+        warmup=warm,
+        model=work,
+        layers=report,
+        timings=timings,
+        n_hvps=spec.n_hvps + lip.n_hvps,
+        settings=settings,
+    )

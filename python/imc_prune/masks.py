@@ -1,0 +1,314 @@
+"""Pruning masks: which weights a model keeps.
+
+A mask set is a plain ``dict[str, torch.Tensor]``: the key is a parameter name from
+``model.named_parameters()``, the value a ``torch.bool`` tensor of the parameter's shape,
+``True`` where the weight is kept. Only prunable parameters appear: the ``weight`` of every
+``nn.Linear`` and ``nn.Conv2d`` (their masked subclasses in :mod:`imc_kernels.masked` included).
+Biases and normalisation layers are never pruned. A mask set may leave prunable parameters
+out; those are kept whole.
+
+Every pruning method of the package (IMC and each baseline) produces this type, and
+:func:`imc_prune.train` consumes it.
+
+Example:
+    >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> scores = {name: p.detach().abs() for name, p in prunable_parameters(model).items()}
+    >>> masks = masks_from_scores(scores, 0.5)
+    >>> apply_masks(model, masks)
+    >>> sparsity_report(model, masks)["weights_remaining"]
+    0.5
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+#: Module types whose ``weight`` is prunable (subclasses included, e.g. ``MaskedLinear``).
+PRUNABLE_MODULES = (nn.Linear, nn.Conv2d)
+#: Where the kept count is enforced: over all prunable weights together, or per layer.
+SCOPES = ("global", "layerwise")
+
+
+def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The prunable parameters of ``model``: the weights of its Linear and Conv2d layers.
+
+    Args:
+        model: any ``nn.Module``.
+
+    Returns:
+        ``{name: parameter}`` in ``model.named_parameters()`` order. A weight shared by
+        several layers appears once, under its first name.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+        >>> list(prunable_parameters(model))
+        ['0.weight', '2.weight']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    weights = {
+        id(module.weight)
+        for module in model.modules()
+        if isinstance(module, PRUNABLE_MODULES) and isinstance(module.weight, nn.Parameter)
+    }
+    return {name: param for name, param in model.named_parameters() if id(param) in weights}
+
+
+def check_sparsity(sparsity) -> float:
+    """Validate a sparsity (fraction of prunable weights removed) and return it as a float.
+
+    Args:
+        sparsity: a real number in ``[0, 1)``.
+
+    Returns:
+        ``float(sparsity)``.
+
+    Raises:
+        TypeError: not a real number.
+        ValueError: outside ``[0, 1)`` (1 would remove every weight) or not finite.
+
+    Example:
+        >>> check_sparsity(0.8)
+        0.8
+    """
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+        raise TypeError(f"sparsity must be a real number in [0, 1), got {sparsity!r}")
+    value = float(sparsity)
+    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+        raise ValueError(
+            f"sparsity must lie in [0, 1) (the fraction of prunable weights removed), got {value}"
+        )
+    return value
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+
+
+def _kept_count(total: int, sparsity: float) -> int:
+    return int(round((1.0 - sparsity) * total))
+
+
+def _top_mask(flat: torch.Tensor, kept: int) -> torch.Tensor:
+    # Stable descending sort: equal scores keep their index order, so ties go to the lower
+    # index (deterministic on every device, unlike topk).
+    order = torch.sort(flat, descending=True, stable=True).indices
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    keep[order[:kept]] = True
+    return keep
+
+
+def masks_from_scores(
+    scores: Mapping[str, torch.Tensor], sparsity: float, *, scope: str = "global"
+) -> dict[str, torch.Tensor]:
+    """Masks that keep the highest scores.
+
+    ``global`` keeps the top ``round((1 - sparsity) * N)`` of all ``N`` scores together;
+    ``layerwise`` keeps the top ``round((1 - sparsity) * n_l)`` of each tensor's ``n_l``.
+    Ties go to the lower index in the flat concatenation (``scores`` order, then row-major),
+    so the result is deterministic.
+
+    Args:
+        scores: ``{parameter name: real tensor of the parameter's shape}``; higher is more
+            important.
+        sparsity: fraction of the scored weights to remove, in ``[0, 1)``.
+        scope: ``"global"`` or ``"layerwise"``.
+
+    Returns:
+        ``{name: bool tensor}`` with the shapes and devices of ``scores``.
+
+    Raises:
+        TypeError: ``scores`` is not a mapping of real tensors.
+        ValueError: empty scores, NaN scores, bad ``sparsity`` or ``scope``.
+
+    Example:
+        >>> masks_from_scores({"w": torch.tensor([3.0, 1.0, 2.0, 2.0])}, 0.5)
+        {'w': tensor([ True, False,  True, False])}
+    """
+    sparsity = check_sparsity(sparsity)
+    _check_scope(scope)
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"scores must be a dict name -> tensor, got {type(scores).__name__}")
+    if not scores:
+        raise ValueError("scores is empty: there is nothing to prune")
+    for name, score in scores.items():
+        if not isinstance(score, torch.Tensor):
+            raise TypeError(f"score {name!r} must be a tensor, got {type(score).__name__}")
+        if score.is_complex() or score.dtype == torch.bool:
+            raise TypeError(f"score {name!r} must be a real tensor, got dtype {score.dtype}")
+        if bool(torch.isnan(score).any()):
+            raise ValueError(f"score {name!r} contains NaN; scores must be comparable")
+
+    if scope == "layerwise":
+        masks = {}
+        for name, score in scores.items():
+            kept = _kept_count(score.numel(), sparsity)
+            masks[name] = _top_mask(score.detach().reshape(-1), kept).view(score.shape)
+        return masks
+    first = next(iter(scores.values()))
+    # One dtype for the concatenation; float64 holds every fp32/fp16/int32 score exactly.
+    dtype = torch.float64 if len({s.dtype for s in scores.values()}) > 1 else first.dtype
+    flat = torch.cat([s.detach().reshape(-1).to(first.device, dtype) for s in scores.values()])
+    keep = _top_mask(flat, _kept_count(flat.numel(), sparsity))
+    masks, offset = {}, 0
+    for name, score in scores.items():
+        masks[name] = keep[offset : offset + score.numel()].view(score.shape).to(score.device)
+        offset += score.numel()
+    return masks
+
+
+def check_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Check that ``masks`` is a valid mask set for ``model``.
+
+    Args:
+        model: the network.
+        masks: ``{name: bool tensor}``; every name must be a prunable parameter of ``model``
+            (prunable parameters left out are kept whole).
+
+    Raises:
+        TypeError: not a mapping, a value that is not a bool tensor, a mask on another device.
+        ValueError: a name that is not a parameter of ``model``, a parameter that is not
+            prunable (a bias or a normalisation layer), or a shape that differs.
+
+    Example:
+        >>> model = nn.Linear(3, 2)
+        >>> check_masks(model, {"weight": torch.ones(2, 3, dtype=torch.bool)})
+    """
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a dict name -> bool tensor, got {type(masks).__name__}")
+    prunable = prunable_parameters(model)
+    all_names = {name for name, _ in model.named_parameters()}
+    for name, mask in masks.items():
+        if name not in prunable:
+            if name in all_names:
+                raise ValueError(
+                    f"mask {name!r}: this parameter is not prunable; only the weights of "
+                    f"Linear and Conv2d layers are (prunable: {_preview(prunable)})"
+                )
+            raise ValueError(
+                f"mask {name!r} names no parameter of the model (prunable parameters: "
+                f"{_preview(prunable)})"
+            )
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask {name!r} must be a tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask {name!r} must have dtype torch.bool, got {mask.dtype}")
+        param = prunable[name]
+        if mask.shape != param.shape:
+            raise ValueError(
+                f"mask {name!r} has shape {tuple(mask.shape)} but the parameter has shape "
+                f"{tuple(param.shape)}"
+            )
+        if mask.device != param.device:
+            raise TypeError(
+                f"mask {name!r} is on {mask.device} but the parameter is on {param.device}"
+            )
+
+
+def _preview(names, limit: int = 6) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") or "none"
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Zero the pruned weights of ``model`` in place (``weight *= mask``).
+
+    Pruned entries become exactly ``+0.0`` (also where the weight was NaN or negative). A
+    masked layer (one with a bool ``mask`` buffer of the weight's shape, such as
+    ``imc_kernels.masked.MaskedLinear``) has its buffer narrowed to the mask as well.
+
+    Args:
+        model: the network, modified in place.
+        masks: a mask set for ``model`` (see :func:`check_masks`).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        TypeError, ValueError: as :func:`check_masks`.
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> _ = apply_masks(model, {"weight": torch.tensor([[True, False]])})
+        >>> model.weight[0, 1].item()
+        0.0
+    """
+    check_masks(model, masks)
+    params = prunable_parameters(model)
+    by_id = {id(params[name]): mask for name, mask in masks.items()}
+    for name, mask in masks.items():
+        params[name].masked_fill_(~mask, 0.0)
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        buffer = module._buffers.get("mask")
+        if weight is None or id(weight) not in by_id or buffer is None:
+            continue
+        if buffer.dtype == torch.bool and buffer.shape == weight.shape:
+            buffer.logical_and_(by_id[id(weight)])
+    return model
+
+
+def dense_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The mask set that keeps every prunable weight.
+
+    Example:
+        >>> dense_masks(nn.Linear(3, 2))["weight"].all().item()
+        True
+    """
+    return {
+        name: torch.ones(param.shape, dtype=torch.bool, device=param.device)
+        for name, param in prunable_parameters(model).items()
+    }
+
+
+def sparsity_report(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> dict:
+    """How many prunable weights ``masks`` keeps, per layer and overall.
+
+    Counts come from the masks (not from the weights' values); prunable parameters left out
+    of ``masks`` count as fully kept.
+
+    Args:
+        model: the network.
+        masks: a mask set for ``model``, or None for the dense network.
+
+    Returns:
+        ``{"layers": {name: {"total", "kept", "fraction"}}, "total", "kept",
+        "weights_remaining", "sparsity"}``; ``fraction`` and ``weights_remaining`` are the
+        kept fractions, ``sparsity = 1 - weights_remaining``.
+
+    Raises:
+        TypeError, ValueError: as :func:`check_masks`.
+
+    Example:
+        >>> model = nn.Linear(4, 1)
+        >>> sparsity_report(model, {"weight": torch.tensor([[1, 1, 0, 0]]).bool()})["sparsity"]
+        0.5
+    """
+    masks = {} if masks is None else masks
+    check_masks(model, masks)
+    layers = {}
+    for name, param in prunable_parameters(model).items():
+        kept = int(masks[name].sum()) if name in masks else param.numel()
+        total = param.numel()
+        layers[name] = {"total": total, "kept": kept, "fraction": kept / total if total else 1.0}
+    total = sum(layer["total"] for layer in layers.values())
+    kept = sum(layer["kept"] for layer in layers.values())
+    remaining = kept / total if total else 1.0
+    return {
+        "layers": layers,
+        "total": total,
+        "kept": kept,
+        "weights_remaining": remaining,
+        "sparsity": 1.0 - remaining,
+    }
