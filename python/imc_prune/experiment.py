@@ -462,7 +462,7 @@ def _phase(name: str, steps: int, batch: int, train_batch: int, wall: float, reu
     }
 
 
-def _spectral_phase(result, hessian_batch: int, train_batch: int) -> dict:
+def _spectral_phase(result, hessian_batch: int, train_batch: int, reused: bool = False) -> dict:
     """IMC's spectral work (spectrum, Lipschitz, gap, scores) as a phase."""
     timings = result.timings
     wall = sum(v for k, v in timings.items() if k != "warmup")
@@ -472,7 +472,7 @@ def _spectral_phase(result, hessian_batch: int, train_batch: int) -> dict:
         "hvps": int(result.n_hvps),
         "grad_equiv": result.gradient_equivalents() * hessian_batch / train_batch,
         "wall_s": float(wall),
-        "reused": False,
+        "reused": bool(reused),
     }
 
 
@@ -833,6 +833,49 @@ class ImpCache:
         return trajectory
 
 
+class ImcCache:
+    """IMC's spectral analysis (warm-up, spectrum, Lipschitz, gap) of the latest seeds, so
+    that the scores and targets of one seed share one analysis (:func:`imc_prune.imc.imc`'s
+    ``reuse``). Each record still counts the analysis' HVPs as its own compute; its
+    ``imc-spectral`` phase says ``reused``.
+
+    Args:
+        size: how many analyses to keep (a comparison runs seed by seed, so 1 or 2 suffice;
+            each holds the top eigenvectors, ``k x d`` floats).
+    """
+
+    def __init__(self, size: int = 2):
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        self.size = size
+        self._results: dict[str, Any] = {}
+
+    @staticmethod
+    def key_of(spec: RunSpec) -> str:
+        analysis = {k: v for k, v in spec.imc.items() if k in imc_module.ANALYSIS_SETTINGS}
+        payload = {
+            "dataset": spec.dataset,
+            "model": spec.model,
+            "seed": spec.seed,
+            "train_subset": spec.train_subset,
+            "test_subset": spec.test_subset,
+            "imc": analysis,
+        }
+        return json.dumps(payload, sort_keys=True, default=str)
+
+    def get(self, spec: RunSpec):
+        return self._results.get(self.key_of(spec))
+
+    def put(self, spec: RunSpec, result) -> None:
+        if self.size == 0:
+            return
+        key = self.key_of(spec)
+        self._results.pop(key, None)
+        self._results[key] = result
+        while len(self._results) > self.size:
+            self._results.pop(next(iter(self._results)))
+
+
 def _json_safe(value):
     return json.loads(
         json.dumps(value, default=lambda v: list(v) if isinstance(v, tuple) else str(v))
@@ -869,6 +912,7 @@ def run_one(
     *,
     data_cache: DataCache | None = None,
     imp_cache: ImpCache | None = None,
+    imc_cache: ImcCache | None = None,
     device=None,
     progress: bool = False,
 ) -> RunRecord:
@@ -880,6 +924,8 @@ def run_one(
         imp_cache: an :class:`ImpCache` whose IMP rounds (and dense training) this run may
             reuse and extend (a fresh in-memory one if None). ``dense``, ``oneshot`` and
             ``imp`` of a seed share its round 0.
+        imc_cache: an :class:`ImcCache` whose spectral analysis IMC runs of the same seed and
+            settings share (none kept if None).
         device: ``"cpu"``, ``"cuda"``, a ``torch.device`` or None/``"auto"`` (CUDA when
             available).
         progress: tqdm bars for training and IMC.
@@ -917,9 +963,18 @@ def run_one(
     hessian_batch = None
     if spec.method == "imc":
         sparsity = "auto" if spec.remaining == "auto" else 1.0 - spec.remaining
+        earlier = None if imc_cache is None else imc_cache.get(spec)
         result = imc_module.imc(
-            model, splits, sparsity=sparsity, seed=spec.seed, progress=progress, **spec.imc
+            model,
+            splits,
+            sparsity=sparsity,
+            seed=spec.seed,
+            progress=progress,
+            reuse=earlier,
+            **spec.imc,
         )
+        if imc_cache is not None:
+            imc_cache.put(spec, result)
         settings = result.settings
         hessian_batch = min(int(settings["hessian_batch_size"]), len(splits.train))
         phases.append(
@@ -929,9 +984,10 @@ def run_one(
                 result.warmup.batch_size,
                 train_batch,
                 result.timings["warmup"],
+                reused=earlier is not None,
             )
         )
-        phases.append(_spectral_phase(result, hessian_batch, train_batch))
+        phases.append(_spectral_phase(result, hessian_batch, train_batch, earlier is not None))
         model, masks = result.model, result.masks
         imc_info = _imc_summary(result)
     elif spec.method == "magnitude-warmup":
@@ -1235,6 +1291,7 @@ def compare(
     done = read_runs(runs_path)
     data_cache = data_cache if data_cache is not None else DataCache(data_root)
     imp_cache = ImpCache(imp_dir)
+    imc_cache = ImcCache()
     todo = [spec for key, spec in unique.items() if key not in done]
     ran: list[str] = []
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress)
@@ -1242,7 +1299,12 @@ def compare(
         for spec in todo:
             bar.set_description(f"{spec.label} {report.target_label(spec.target)} seed {spec.seed}")
             record = run_one(
-                spec, data_cache=data_cache, imp_cache=imp_cache, device=device, progress=progress
+                spec,
+                data_cache=data_cache,
+                imp_cache=imp_cache,
+                imc_cache=imc_cache,
+                device=device,
+                progress=progress,
             )
             _append(runs_path, record)
             done[record.key] = record.to_dict()

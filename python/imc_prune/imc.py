@@ -729,6 +729,7 @@ def imc(
     loss_fn: Callable | None = None,
     seed: int = 0,
     progress: bool = False,
+    reuse: IMCResult | None = None,
 ) -> IMCResult:
     """IMC end to end: warm-up, spectrum, Lipschitz, gap, scores, masks, rewind.
 
@@ -754,13 +755,18 @@ def imc(
         loss_fn: None for cross-entropy.
         seed: seeds the warm-up order, the probes and the Lanczos start blocks.
         progress: tqdm bars.
+        reuse: an earlier result of the same model (same ``W0``) with the same settings of
+            steps 1-4 (:data:`ANALYSIS_SETTINGS`): its warm-up, spectrum, Lipschitz estimate
+            and gap are taken as they are, and only the scores, masks and rewind are computed
+            (to sweep sparsities and scores at the price of one spectral analysis). The
+            result reports the reused work's timings and HVP count, as the cost of the method.
 
     Returns:
         An :class:`IMCResult`.
 
     Raises:
         ValueError: a bad ``sparsity``, score, scope or rewind choice (and the errors of each
-            step).
+            step); a ``reuse`` result whose settings or ``W0`` differ.
 
     Example:
         >>> splits = imc_prune.data.load_dataset("digits", flatten=True)
@@ -803,6 +809,17 @@ def imc(
     timings: dict[str, float] = {}
     work = copy.deepcopy(model)
     device = _model_device(work)
+    if reuse is not None:
+        _check_reuse(reuse, work, settings)
+        return _finish(
+            work,
+            reuse.warmup,
+            reuse.spectrum,
+            reuse.lipschitz,
+            reuse.gap,
+            settings,
+            dict(reuse.timings),
+        )
 
     started = time.perf_counter()
     warm = warmup(
@@ -847,16 +864,67 @@ def imc(
 
     started = time.perf_counter()
     gap = spectral_gap(spec, lip.value, c=c)
+    timings["gap"] = time.perf_counter() - started
+    return _finish(work, warm, spec, lip, gap, settings, timings)
+
+
+#: The settings of steps 1-4, which ``imc(reuse=...)`` requires to be equal.
+ANALYSIS_SETTINGS = (
+    "warmup_steps",
+    "warmup_lr",
+    "warmup_batch_size",
+    "hessian_batch_size",
+    "k",
+    "n_probes",
+    "steps",
+    "eps",
+    "p",
+    "n_directions",
+    "c",
+    "curvature",
+    "engine",
+    "seed",
+)
+
+
+def _check_reuse(reuse: IMCResult, model: nn.Module, settings: dict) -> None:
+    if not isinstance(reuse, IMCResult):
+        raise TypeError(f"reuse must be an IMCResult, got {type(reuse).__name__}")
+    differ = [key for key in ANALYSIS_SETTINGS if reuse.settings.get(key) != settings.get(key)]
+    if differ:
+        detail = ", ".join(f"{k}={reuse.settings.get(k)!r} vs {settings.get(k)!r}" for k in differ)
+        raise ValueError(f"reuse: the earlier result's settings differ ({detail})")
+    initial = reuse.warmup.initial
+    state = model.state_dict()
+    if initial.keys() != state.keys() or any(
+        not torch.equal(initial[name].cpu(), state[name].detach().cpu()) for name in state
+    ):
+        raise ValueError("reuse: the earlier result started from different weights (W0)")
+
+
+def _finish(
+    work: nn.Module,
+    warm: Warmup,
+    spec: Spectrum,
+    lip: Lipschitz,
+    gap: Gap,
+    settings: dict,
+    timings: dict[str, float],
+) -> IMCResult:
+    """Steps 5-7 on the analysis of steps 1-4: scores at ``W*``, masks, rewind."""
+    started = time.perf_counter()
+    work.load_state_dict(warm.trained)
     n_prunable = sum(param.numel() for param in prunable_parameters(work).values())
     # The rule prunes d - n of all d weights; only weight matrices are prunable, so the same
     # count is a larger fraction of them (capped below 1).
     auto_sparsity = min((gap.dim - gap.n) / n_prunable, 1.0 - 1.0 / n_prunable)
+    sparsity = settings["sparsity"]
     chosen = auto_sparsity if sparsity == "auto" else float(sparsity)
-    weight_scores = scores(work, spec, method=score)
-    masks = masks_from_scores(weight_scores, chosen, scope=scope)
-    timings["gap_and_masks"] = time.perf_counter() - started
+    weight_scores = scores(work, spec, method=settings["score"])
+    masks = masks_from_scores(weight_scores, chosen, scope=settings["scope"])
+    timings["masks"] = time.perf_counter() - started
 
-    rewind(work, masks, warm, to=rewind_to)
+    rewind(work, masks, warm, to=settings["rewind_to"])
     report = sparsity_report(work, masks)
     return IMCResult(
         masks=masks,

@@ -151,6 +151,23 @@ def test_run_one_imc_records_the_decision(cache):
     assert len(info["spectrum"]["nodes"]) == 2  # the probes, for the plot
 
 
+def test_imc_runs_of_a_seed_share_one_analysis(cache):
+    from imc_prune.experiment import ImcCache
+
+    imc_cache = ImcCache()
+    first = run_one(_spec("imc-leverage", 0.3), data_cache=cache, imc_cache=imc_cache)
+    second = run_one(_spec("imc-curvature", 0.2), data_cache=cache, imc_cache=imc_cache)
+    alone = run_one(_spec("imc-curvature", 0.2), data_cache=cache)
+    spectral = [next(p for p in r.phases if p["name"] == "imc-spectral") for r in (first, second)]
+    assert [p["reused"] for p in spectral] == [False, True]
+    # The reused analysis is still the method's cost, and the masks are those of a fresh run.
+    assert second.compute == alone.compute and second.imc["gap"] == alone.imc["gap"]
+    for name, mask in alone.masks.items():
+        assert torch.equal(second.masks[name], mask)
+    other_seed = run_one(_spec("imc-curvature", 0.2, seed=1), data_cache=cache, imc_cache=imc_cache)
+    assert not next(p for p in other_seed.phases if p["name"] == "imc-spectral")["reused"]
+
+
 def test_magnitude_warmup_equals_imc_magnitude_masks(cache):
     """Same warm-up, same |W*| score: the masks of IMC at a fixed sparsity."""
     from imc_prune.imc import imc

@@ -298,7 +298,32 @@ def test_imc_pipeline_fixed_sparsity(score):
     assert 0 <= res.auto_sparsity < 1
     summary = res.summary()
     assert summary["settings"]["score"] == score and len(summary["top_eigenvalues"]) == 4
-    assert set(res.timings) == {"warmup", "spectrum", "lipschitz", "gap_and_masks"}
+    assert set(res.timings) == {"warmup", "spectrum", "lipschitz", "gap", "masks"}
+
+
+SMALL = dict(
+    warmup_steps=4, warmup_batch_size=32, hessian_batch_size=128, k=4, n_probes=2, steps=12,
+    n_directions=1,
+)  # fmt: skip
+
+
+def test_imc_reuse_equals_a_fresh_run():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    first = imc(model, _dataset(), sparsity=0.5, score="leverage", **SMALL)
+    fresh = imc(model, _dataset(), sparsity=0.8, score="curvature", **SMALL)
+    reused = imc(model, _dataset(), sparsity=0.8, score="curvature", reuse=first, **SMALL)
+    assert reused.spectrum is first.spectrum and reused.n_hvps == first.n_hvps
+    for name, mask in fresh.masks.items():
+        assert torch.equal(reused.masks[name], mask)
+    for name, value in fresh.model.state_dict().items():
+        assert torch.equal(reused.model.state_dict()[name], value)
+    assert reused.auto_sparsity == fresh.auto_sparsity
+    with pytest.raises(ValueError, match="settings differ.*k=4 vs 5"):
+        imc(model, _dataset(), sparsity=0.8, reuse=first, **{**SMALL, "k": 5})
+    other = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    with pytest.raises(ValueError, match="different weights"):
+        imc(other, _dataset(), sparsity=0.8, reuse=first, **SMALL)
 
 
 def test_imc_auto_sparsity_follows_the_gap():
