@@ -6,10 +6,12 @@ Public API (DESIGN section 3)::
     H @ v                                 # (dim,) or (dim, b)
     imc_kernels.hvp(model, loss_fn, batch, v)
     imc_kernels.build_info()              # what is active: extension, Triton mode, versions
+    imc_kernels.distributed.DistributedHessianOperator(model, loss_fn, shard)  # data-parallel
     opt = imc_kernels.MaskedAdam.from_model(model, masks, lr=1e-3)  # masked weights stay 0
 """
 
 from imc_kernels import (
+    distributed,
     hvp,  # a callable module: imc_kernels.hvp(model, loss_fn, batch, v)
     linalg,
     masked,
@@ -38,6 +40,7 @@ __all__ = [
     "MaskedSGD",
     "__version__",
     "build_info",
+    "distributed",
     "hvp",
     "linalg",
     "mask_model",

@@ -169,6 +169,15 @@ def _operator(model, batch, loss_fn, curvature: str, engine: str, who: str):
     )
 
 
+def _replicated_seed(operator, seed: int) -> int:
+    """The seed the solver draws from. A data-parallel operator
+    (:class:`imc_kernels.distributed.DistributedHessianOperator`) runs the solver replicated on
+    every rank and hands out rank 0's seed; the start block and probes are drawn from the seed
+    on the CPU, so every rank starts from rank 0's block."""
+    broadcast = getattr(operator, "broadcast_seed", None)
+    return int(broadcast(seed)) if callable(broadcast) else seed
+
+
 def _hvp_count(operator) -> int | None:
     count = getattr(operator, "n_products", None)
     return count if isinstance(count, int) else None
@@ -197,8 +206,10 @@ def top_eigvecs(
     float64.
 
     Args:
-        model: the network, or a ready :class:`HessianOperator` (then ``batch`` is None and
-            ``loss_fn``, ``curvature``, ``engine`` are the operator's).
+        model: the network, or a ready :class:`HessianOperator` or
+            :class:`imc_kernels.distributed.DistributedHessianOperator` (then ``batch`` is
+            None and ``loss_fn``, ``curvature``, ``engine`` are the operator's; a distributed
+            one runs the solver replicated on every rank from rank 0's ``seed``).
         batch: ``(inputs, targets)`` on the model's device.
         k: eigenpairs wanted, ``0 < k < dim``.
         loss_fn: ``loss_fn(output, targets) -> scalar``; None means cross-entropy for integer
@@ -246,6 +257,7 @@ def top_eigvecs(
             f"k = {k} must be smaller than the dimension {dim} (the number of trainable "
             "parameters); for the whole spectrum form the Hessian and use torch.linalg.eigh"
         )
+    seed = _replicated_seed(operator, seed)
     before = _hvp_count(operator)
     res = block_lanczos(
         operator,
@@ -297,7 +309,9 @@ def spectral_density(
     mix). ``n_probes * steps`` Hessian-vector products in all.
 
     Args:
-        model: the network, or a ready :class:`HessianOperator` (then ``batch`` is None).
+        model: the network, or a ready :class:`HessianOperator` or
+            :class:`imc_kernels.distributed.DistributedHessianOperator` (then ``batch`` is
+            None; a distributed one runs replicated from rank 0's ``seed``).
         batch: ``(inputs, targets)`` on the model's device.
         n_probes: independent probes; their spread shows the estimator's variance.
         steps: Lanczos steps per probe; the quadrature is exact for polynomials of degree
@@ -332,6 +346,7 @@ def spectral_density(
         raise ValueError(f"probes must be one of {', '.join(PROBES)}, got {probes!r}")
     operator = _operator(model, batch, loss_fn, curvature, engine, "spectral_density")
     dim = int(operator.dim)
+    seed = _replicated_seed(operator, seed)
     before = _hvp_count(operator)
     res = slq(
         operator,
