@@ -19,7 +19,7 @@
 // doubles of scratch, the rounded factors and coefficients, and the two small result tensors.
 //
 // Not run on a GPU in this repository's CI (compile-checked with nvcc for sm_90 by
-// tests/build/test_nvcc.py); tests/build/test_block_orth.py runs it against the twin on a
+// tests/build/test_nvcc.py); tests/linalg/test_block_orth_op.py runs it against the twin on a
 // CUDA device when there is one.
 
 #include <ATen/Dispatch.h>
