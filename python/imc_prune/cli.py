@@ -18,6 +18,7 @@ printed note when Fashion-MNIST is not installed.
 Example:
     $ imc-prune run --method imc                       # Fashion-MNIST, LeNet-300-100
     $ imc-prune run --method snip --remaining 5%
+    $ imc-prune run --remaining auto 5% 2%            # IMC at its own sparsity and two more
     $ imc-prune compare --methods imc-magnitude snip imp --remaining 0.2 0.05 auto --seeds 0 1
     $ imc-prune spectrum --model conv2 --k 64
     $ python -m imc_prune run --quick --method imc     # a smoke test in seconds
@@ -26,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import sys
@@ -254,10 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--remaining",
+        nargs="+",
         type=parse_remaining,
         default=None,
-        help="weights remaining: a fraction, a percentage or auto (IMC; the default for IMC); "
-        "other methods need a number",
+        help="weights remaining: fractions, percentages or auto (IMC; the default for IMC); "
+        "other methods need a number; several targets share the dense run (and IMC's spectrum)",
     )
     run.add_argument("--seed", type=int, default=0)
     _common(run, many_models=False)
@@ -402,19 +405,22 @@ def _describe_imc(info: dict) -> list[str]:
 def _cmd_run(args) -> int:
     cache = experiment.DataCache(args.data_root)
     dataset = _choose_dataset(args, cache)
-    remaining = args.remaining
-    if remaining is None:
+    targets = args.remaining
+    if targets is None:
         if args.method.startswith("imc"):
-            remaining = "auto"
+            targets = ["auto"]
         elif args.method == "dense":
-            remaining = 1.0
+            targets = [1.0]
         else:
             raise CLIError(f"--remaining is needed for method {args.method!r} (e.g. 0.05 or 5%)")
     settings = _settings(args)
     specs = _specs(
         lambda: [
             experiment.RunSpec(dataset, args.model, "dense", 1.0, args.seed, **settings),
-            experiment.RunSpec(dataset, args.model, args.method, remaining, args.seed, **settings),
+            *(
+                experiment.RunSpec(dataset, args.model, args.method, target, args.seed, **settings)
+                for target in targets
+            ),
         ]
     )
     out = _out_dir(args, dataset, args.method)
@@ -431,18 +437,22 @@ def _cmd_run(args) -> int:
         resume=not args.fresh,
         device=args.device,
         data_cache=cache,
-        title=f"imc-prune run: {specs[1].label} on {dataset}, {args.model}",
+        title=f"imc-prune run: {specs[-1].label} on {dataset}, {args.model}",
     )
-    dense, pruned = result.records[0], result.records[-1]
+    dense = result.records[0]
     epochs = len(dense.history)
     print(
         f"dense     final test accuracy {_pct(dense.final_acc)} (mean of the last 3 epochs "
         f"{_pct(dense.mean_last3_acc)}), {epochs} epochs, {dense.wall_s:.1f} s"
     )
-    if pruned.imc is not None:
-        for line in _describe_imc(pruned.imc):
-            print(line)
-    if pruned.key != dense.key:
+    described = False
+    for pruned in result.records[1:]:
+        if pruned.key == dense.key:
+            continue
+        if pruned.imc is not None and not described:
+            for line in _describe_imc(pruned.imc):
+                print(line)
+            described = True
         print(
             f"{pruned.label:<9} weights remaining {_pct(pruned.weights_remaining)} "
             f"(target {report.target_label(pruned.target)}): final test accuracy "
@@ -499,7 +509,7 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_spectrum(args) -> int:
-    from imc_prune import imc as imc_module
+    imc_module = importlib.import_module("imc_prune.imc")  # imc_prune.imc is the function
 
     cache = experiment.DataCache(args.data_root)
     dataset = _choose_dataset(args, cache)

@@ -62,6 +62,7 @@ import copy
 import dataclasses
 import datetime
 import hashlib
+import importlib
 import json
 import numbers
 import os
@@ -78,7 +79,6 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from imc_prune import baselines, report
-from imc_prune import imc as imc_module
 from imc_prune.data import DATASET_NAMES, DatasetSplits, iterate_batches, load_dataset
 from imc_prune.masks import (
     SCOPES,
@@ -89,6 +89,8 @@ from imc_prune.masks import (
 from imc_prune.models import MODEL_NAMES, build_model
 from imc_prune.train import resolve_config, train
 
+# The module (``imc_prune.imc`` is the function, see the package docstring).
+imc_module = importlib.import_module("imc_prune.imc")
 IMC_SCORES = imc_module.SCORES
 #: Every method name :class:`RunSpec` accepts.
 METHODS = (

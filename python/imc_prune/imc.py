@@ -218,6 +218,7 @@ def spectrum(
     sigma: float | None = None,
     seed: int = 0,
     progress: bool = False,
+    operator: Callable | None = None,
 ) -> Spectrum:
     """Step 2: spectral density (SLQ) and top-``k`` eigenpairs of the loss Hessian at ``W*``.
 
@@ -236,6 +237,11 @@ def spectrum(
         sigma: smoothing width of the density; default 1 % of the spectrum's range.
         seed: seed of the probes and of the Lanczos start block.
         progress: tqdm bars.
+        operator: the operator's constructor, called as ``operator(model, loss_fn, batch,
+            curvature=..., engine=...)``; default :class:`imc_kernels.HessianOperator`. For a
+            batch sharded over ``torch.distributed`` ranks:
+            ``functools.partial(imc_kernels.distributed.DistributedHessianOperator,
+            full_batch=True)``.
 
     Returns:
         A :class:`Spectrum`.
@@ -245,9 +251,8 @@ def spectrum(
         >>> spec.top_eigenvalues[:3]
     """
     started = time.perf_counter()
-    operator = imc_kernels.HessianOperator(
-        model, loss_fn, batch, curvature=curvature, engine=engine
-    )
+    make = imc_kernels.HessianOperator if operator is None else operator
+    operator = make(model, loss_fn, batch, curvature=curvature, engine=engine)
     k = min(k, int(operator.dim) - 1)
     density = imc_kernels.spectral_density(
         operator, None, n_probes=n_probes, steps=steps, seed=seed, progress=progress
@@ -313,6 +318,7 @@ def lipschitz(
     engine: str = "auto",
     seed: int = 0,
     progress: bool = False,
+    operator: Callable | None = None,
 ) -> Lipschitz:
     """Step 3: the Lipschitz constant of ``F(U) = A U - grad L(W* + U)`` on the ``l_p`` ball.
 
@@ -334,6 +340,7 @@ def lipschitz(
         loss_fn, curvature, engine: as for :func:`spectrum`.
         seed: seed of the directions and of the Lanczos start blocks.
         progress: tqdm bars.
+        operator: the operator's constructor, as for :func:`spectrum`.
 
     Returns:
         A :class:`Lipschitz`.
@@ -353,7 +360,8 @@ def lipschitz(
     if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 1:
         raise ValueError(f"n_directions must be a positive integer, got {n_directions!r}")
     started = time.perf_counter()
-    center = imc_kernels.HessianOperator(model, loss_fn, batch, curvature=curvature, engine=engine)
+    make = imc_kernels.HessianOperator if operator is None else operator
+    center = make(model, loss_fn, batch, curvature=curvature, engine=engine)
     dim = int(center.dim)
     generator = torch.Generator().manual_seed(seed)
     values: list[float] = []
@@ -369,9 +377,7 @@ def lipschitz(
                 count = param.numel()
                 param.add_(shift[offset : offset + count].view_as(param).to(param))
                 offset += count
-        shifted = imc_kernels.HessianOperator(
-            shifted_model, loss_fn, batch, curvature=curvature, engine=engine
-        )
+        shifted = make(shifted_model, loss_fn, batch, curvature=curvature, engine=engine)
 
         def difference(block, center=center, shifted=shifted):
             return center.matmat(block) - shifted.matmat(block)
@@ -730,6 +736,7 @@ def imc(
     seed: int = 0,
     progress: bool = False,
     reuse: IMCResult | None = None,
+    operator: Callable | None = None,
 ) -> IMCResult:
     """IMC end to end: warm-up, spectrum, Lipschitz, gap, scores, masks, rewind.
 
@@ -760,6 +767,10 @@ def imc(
             and gap are taken as they are, and only the scores, masks and rewind are computed
             (to sweep sparsities and scores at the price of one spectral analysis). The
             result reports the reused work's timings and HVP count, as the cost of the method.
+        operator: the Hessian operator's constructor (see :func:`spectrum`); with
+            ``functools.partial(DistributedHessianOperator, full_batch=True)`` every rank
+            passes the same data and seed, the warmed-up weights are broadcast from rank 0, and
+            the spectrum, gap and masks come out identical on every rank.
 
     Returns:
         An :class:`IMCResult`.
@@ -832,6 +843,12 @@ def imc(
         seed=seed,
     )
     timings["warmup"] = time.perf_counter() - started
+    if _is_distributed(operator):
+        from imc_kernels.distributed import broadcast_model
+
+        # Warm-up kernels may round differently on each rank; the operator checks agreement.
+        broadcast_model(work)
+        warm = dataclasses.replace(warm, trained=_state_copy(work))
 
     batch = _hessian_batch(train_set, hessian_batch_size, device)
     spec = spectrum(
@@ -845,6 +862,7 @@ def imc(
         engine=engine,
         seed=seed,
         progress=progress,
+        operator=operator,
     )
     timings["spectrum"] = spec.seconds
 
@@ -859,6 +877,7 @@ def imc(
         engine=engine,
         seed=seed,
         progress=progress,
+        operator=operator,
     )
     timings["lipschitz"] = lip.seconds
 
@@ -866,6 +885,17 @@ def imc(
     gap = spectral_gap(spec, lip.value, c=c)
     timings["gap"] = time.perf_counter() - started
     return _finish(work, warm, spec, lip, gap, settings, timings)
+
+
+def _is_distributed(operator) -> bool:
+    """Whether ``operator`` (a constructor, possibly a ``functools.partial``) builds the
+    data-parallel operator."""
+    if operator is None:
+        return False
+    from imc_kernels.distributed import DistributedHessianOperator
+
+    target = getattr(operator, "func", operator)
+    return isinstance(target, type) and issubclass(target, DistributedHessianOperator)
 
 
 #: The settings of steps 1-4, which ``imc(reuse=...)`` requires to be equal.

@@ -32,6 +32,10 @@ from torch import nn
 PRUNABLE_MODULES = (nn.Linear, nn.Conv2d)
 #: Where the kept count is enforced: over all prunable weights together, or per layer.
 SCOPES = ("global", "layerwise")
+#: How masks are structured: single weights; square ``block_size`` tiles of the weight
+#: matrix (``imc_kernels.sparse.BlockSparseLinear``); 2 kept in every 4 consecutive weights
+#: along the input dimension (``imc_kernels.sparse.SemiStructuredLinear``).
+GRANULARITIES = ("element", "block", "2:4")
 
 
 def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -108,34 +112,68 @@ def _top_mask(flat: torch.Tensor, kept: int) -> torch.Tensor:
 
 
 def masks_from_scores(
-    scores: Mapping[str, torch.Tensor], sparsity: float, *, scope: str = "global"
+    scores: Mapping[str, torch.Tensor],
+    sparsity: float,
+    *,
+    scope: str = "global",
+    granularity: str = "element",
+    block_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Masks that keep the highest scores.
 
-    ``global`` keeps the top ``round((1 - sparsity) * N)`` of all ``N`` scores together;
-    ``layerwise`` keeps the top ``round((1 - sparsity) * n_l)`` of each tensor's ``n_l``.
-    Ties go to the lower index in the flat concatenation (``scores`` order, then row-major),
-    so the result is deterministic.
+    ``granularity="element"`` (the default): ``global`` keeps the top
+    ``round((1 - sparsity) * N)`` of all ``N`` scores together; ``layerwise`` keeps the top
+    ``round((1 - sparsity) * n_l)`` of each tensor's ``n_l``.
+
+    ``granularity="block"``: each score tensor is read as a matrix ``(shape[0], -1)`` (the
+    weight matrix of a Linear layer; ``(out, in * kh * kw)`` for a Conv2d) cut into square
+    ``block_size`` tiles, and each tile's score is the *sum* of its scores
+    (:func:`block_scores`). Tiles are then ranked as elements are above, globally or per
+    layer, and a kept tile keeps all its weights. All tiles hold ``block_size**2`` weights, so
+    keeping ``round((1 - sparsity) * n_tiles)`` tiles makes the kept weight fraction the
+    closest to ``1 - sparsity`` that whole tiles allow, and ranking by sum or by mean is the
+    same. Scores are pooled as given, not as ``|score|``: the magnitude-type scores of the
+    package (magnitude, SNIP, IMC) are non-negative, so for them this is the sum of
+    ``|score|``, while a signed score (GraSP passes ``-score``, higher is better) keeps its
+    meaning, which ``|.|`` would invert. Matrices whose dimensions are not multiples of
+    ``block_size`` raise (no padding: the block-sparse kernels need whole tiles too).
+
+    ``granularity="2:4"``: in each group of 4 consecutive weights along a row of the same
+    matrix view (the input dimension), the 2 highest scores are kept; ``sparsity`` must be
+    0.5 and ``scope`` does not matter (every group keeps exactly half).
+
+    Ties go to the lower index in the flat concatenation (``scores`` order, then row-major;
+    tiles in row-major tile order; within a group of 4, the lower column), so the result is
+    deterministic.
 
     Args:
         scores: ``{parameter name: real tensor of the parameter's shape}``; higher is more
             important.
         sparsity: fraction of the scored weights to remove, in ``[0, 1)``.
         scope: ``"global"`` or ``"layerwise"``.
+        granularity: one of :data:`GRANULARITIES`.
+        block_size: the tile edge, required for ``granularity="block"`` and only then.
 
     Returns:
         ``{name: bool tensor}`` with the shapes and devices of ``scores``.
 
     Raises:
-        TypeError: ``scores`` is not a mapping of real tensors.
-        ValueError: empty scores, NaN scores, bad ``sparsity`` or ``scope``.
+        TypeError: ``scores`` is not a mapping of real tensors; a non-int ``block_size``.
+        ValueError: empty scores, NaN scores, bad ``sparsity``, ``scope`` or
+            ``granularity``; a missing or stray ``block_size``; for ``"block"`` and ``"2:4"``,
+            a score with fewer than 2 dimensions or a matrix that the tiles or groups do not
+            divide; ``"2:4"`` with a sparsity other than 0.5.
 
     Example:
         >>> masks_from_scores({"w": torch.tensor([3.0, 1.0, 2.0, 2.0])}, 0.5)
         {'w': tensor([ True, False,  True, False])}
+        >>> masks_from_scores({"w": torch.tensor([[1.0, 4.0, 3.0, 2.0]])}, 0.5,
+        ...                   granularity="2:4")
+        {'w': tensor([[False,  True,  True, False]])}
     """
     sparsity = check_sparsity(sparsity)
     _check_scope(scope)
+    _check_granularity(granularity, block_size, sparsity)
     if not isinstance(scores, Mapping):
         raise TypeError(f"scores must be a dict name -> tensor, got {type(scores).__name__}")
     if not scores:
@@ -148,6 +186,10 @@ def masks_from_scores(
         if bool(torch.isnan(score).any()):
             raise ValueError(f"score {name!r} contains NaN; scores must be comparable")
 
+    if granularity == "2:4":
+        return {name: _two_four_mask(score, name) for name, score in scores.items()}
+    if granularity == "block":
+        return _block_masks(scores, sparsity, scope, block_size)
     if scope == "layerwise":
         masks = {}
         for name, score in scores.items():
@@ -164,6 +206,139 @@ def masks_from_scores(
         masks[name] = keep[offset : offset + score.numel()].view(score.shape).to(score.device)
         offset += score.numel()
     return masks
+
+
+def _check_granularity(granularity: str, block_size, sparsity: float) -> None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "block":
+        if block_size is None:
+            raise ValueError("granularity='block' needs a block_size (the tile edge)")
+        if isinstance(block_size, bool) or not isinstance(block_size, int):
+            raise TypeError(f"block_size must be an int, got {block_size!r}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {block_size}")
+    elif block_size is not None:
+        raise ValueError(
+            f"block_size is only used with granularity='block' (got granularity={granularity!r})"
+        )
+    if granularity == "2:4" and sparsity != 0.5:
+        raise ValueError(
+            "granularity='2:4' keeps exactly 2 of every 4 weights: sparsity must be 0.5, got "
+            f"{sparsity}"
+        )
+
+
+def _score_matrix(score: torch.Tensor, name: str, granularity: str) -> torch.Tensor:
+    if score.dim() < 2:
+        raise ValueError(
+            f"granularity={granularity!r} needs weight matrices (2 or more dimensions); score "
+            f"{name!r} has shape {tuple(score.shape)}"
+        )
+    return score.detach().reshape(score.shape[0], -1)
+
+
+def block_scores(score: torch.Tensor, block_size: int, *, name: str = "score") -> torch.Tensor:
+    """The pooled score of each ``block_size x block_size`` tile: the sum of its scores.
+
+    The score is read as the matrix ``(shape[0], -1)``; the sum is taken in float64, so the
+    pooled scores of equal tiles are equal and ties resolve by position.
+
+    Args:
+        score: a real tensor of a weight's shape, 2 or more dimensions.
+        block_size: the tile edge.
+        name: the parameter's name, for messages.
+
+    Returns:
+        float64 ``(rows // block_size, cols // block_size)`` with ``(rows, cols)`` the matrix.
+
+    Raises:
+        ValueError: fewer than 2 dimensions, or a matrix dimension that is not a multiple of
+            ``block_size``.
+
+    Example:
+        >>> block_scores(torch.arange(8.0).reshape(2, 4), 2)
+        tensor([[10., 18.]], dtype=torch.float64)
+    """
+    matrix = _score_matrix(score, name, "block")
+    rows, cols = matrix.shape
+    if rows % block_size or cols % block_size:
+        raise ValueError(
+            f"granularity='block': score {name!r} has shape {tuple(score.shape)}, a "
+            f"({rows}, {cols}) matrix that block_size {block_size} does not divide (remainders "
+            f"{rows % block_size} and {cols % block_size}); choose a block size dividing both, "
+            "or leave this parameter out of the scores"
+        )
+    tiles = matrix.to(torch.float64).reshape(
+        rows // block_size, block_size, cols // block_size, block_size
+    )
+    return tiles.sum(dim=(1, 3))
+
+
+def _expand_tiles(keep: torch.Tensor, block_size: int, shape: torch.Size) -> torch.Tensor:
+    return keep.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1).reshape(shape)
+
+
+def _block_masks(
+    scores: Mapping[str, torch.Tensor], sparsity: float, scope: str, block_size: int
+) -> dict[str, torch.Tensor]:
+    pooled = {name: block_scores(score, block_size, name=name) for name, score in scores.items()}
+    if scope == "layerwise":
+        return {
+            name: _expand_tiles(
+                _top_mask(tiles.reshape(-1), _kept_count(tiles.numel(), sparsity)).view(
+                    tiles.shape
+                ),
+                block_size,
+                scores[name].shape,
+            )
+            for name, tiles in pooled.items()
+        }
+    device = next(iter(scores.values())).device
+    flat = torch.cat([tiles.reshape(-1).to(device) for tiles in pooled.values()])
+    keep = _top_mask(flat, _kept_count(flat.numel(), sparsity))
+    masks, offset = {}, 0
+    for name, tiles in pooled.items():
+        tile_keep = keep[offset : offset + tiles.numel()].view(tiles.shape)
+        masks[name] = _expand_tiles(tile_keep, block_size, scores[name].shape).to(
+            scores[name].device
+        )
+        offset += tiles.numel()
+    return masks
+
+
+def _two_four_mask(score: torch.Tensor, name: str) -> torch.Tensor:
+    matrix = _score_matrix(score, name, "2:4")
+    rows, cols = matrix.shape
+    if cols % 4:
+        raise ValueError(
+            f"granularity='2:4': score {name!r} has shape {tuple(score.shape)}, rows of {cols} "
+            "weights, not a multiple of 4"
+        )
+    groups = matrix.reshape(rows, cols // 4, 4)
+    # Stable descending sort: of equal scores the lower column is kept.
+    top = torch.sort(groups, dim=2, descending=True, stable=True).indices[..., :2]
+    keep = torch.zeros(groups.shape, dtype=torch.bool, device=score.device)
+    keep.scatter_(2, top, True)
+    return keep.reshape(score.shape)
+
+
+def is_two_four(mask: torch.Tensor) -> bool:
+    """True when ``mask`` keeps at most 2 of every 4 consecutive weights along its rows.
+
+    The mask is read as the matrix ``(shape[0], -1)``, as ``granularity="2:4"`` builds it; its
+    rows must have a multiple of 4 entries (else False).
+
+    Example:
+        >>> is_two_four(torch.tensor([[True, False, True, False, False, False, True, True]]))
+        True
+    """
+    if mask.dim() < 2:
+        return False
+    matrix = mask.reshape(mask.shape[0], -1)
+    if matrix.shape[1] % 4:
+        return False
+    return bool((matrix.reshape(matrix.shape[0], -1, 4).sum(dim=2) <= 2).all())
 
 
 def check_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:

@@ -3,6 +3,7 @@ fp64 Hessians from ``torch.func.hessian`` for the Lipschitz estimate and the lev
 and ``torch.optim.SGD`` for the warm-up."""
 
 import copy
+import importlib
 import math
 
 import numpy as np
@@ -13,9 +14,10 @@ from torch.func import functional_call, hessian
 from torch.utils.data import TensorDataset
 
 from imc_kernels.spectral import SpectralDensity
-from imc_prune import imc as imc_mod
 from imc_prune.imc import Spectrum, imc, lipschitz, scores, spectral_gap, warmup
 from imc_prune.masks import prunable_parameters
+
+imc_mod = importlib.import_module("imc_prune.imc")  # the module; imc_prune.imc is the function
 
 
 def _tiny_mlp(seed=0, dtype=torch.float64, hidden=5, inputs=4, classes=3):
