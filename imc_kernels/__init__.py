@@ -17,6 +17,7 @@ from imc_kernels import (
     masked,
     ops,
     reference,
+    sparse,
 )
 from imc_kernels._build_info import build_info
 from imc_kernels._version import __version__
@@ -47,6 +48,7 @@ __all__ = [
     "masked",
     "ops",
     "reference",
+    "sparse",
     "spectral_density",
     "top_eigvecs",
 ]

@@ -390,3 +390,138 @@ def block_orth_step(
             *args, float(tau), bool(auto_second_projection)
         )
     return _ref_block_orth.block_orth_step(*args, float(tau), bool(auto_second_projection))
+
+
+# --- Block-sparse linear products (ops/block_sparse.py, reference/block_sparse.py) -----------
+
+
+def block_sparse_backend(tensor: torch.Tensor, layout) -> str:
+    """The backend that runs the block-sparse products for ``tensor``'s device and dtype.
+
+    Triton where :func:`imc_kernels._dispatch.select` allows it and the kernels take the
+    layout's block size and the dtype (:data:`imc_kernels.reference.block_sparse.
+    TRITON_BLOCK_SIZES`, ``TRITON_DTYPES``); else the pure-PyTorch twin.
+
+    Raises:
+        BackendUnavailableError: ``IMC_KERNELS_BACKEND`` forces a backend that cannot run.
+    """
+    from imc_kernels.reference import block_sparse as _ref_block_sparse
+
+    limitation = _ref_block_sparse.triton_unsupported_reason(layout, tensor.dtype)
+    if limitation is not None:
+        if _dispatch.forced_backend() == "triton":
+            raise _dispatch.BackendUnavailableError(
+                f"{_dispatch.ENV_BACKEND}=triton cannot run op 'block_sparse': {limitation}"
+            )
+        return _dispatch.select(
+            "block_sparse", tensor.device, tensor.dtype, available=("reference",)
+        )
+    return _dispatch.select(
+        "block_sparse", tensor.device, tensor.dtype, available=("triton", "reference")
+    )
+
+
+def block_sparse_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    layout,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x (W * mask)^T + b`` from the kept tiles of a block mask only.
+
+    Args:
+        x: ``(M, in_features)``.
+        weight: dense ``(out_features, in_features)``; its pruned tiles are never read.
+        bias: ``(out_features,)`` or None.
+        layout: a :class:`imc_kernels.reference.block_sparse.BlockLayout` on the weight's
+            device.
+        out: optional contiguous ``(M, out_features)`` buffer.
+
+    Returns:
+        ``(M, out_features)``.
+
+    Raises:
+        TypeError, ValueError: see
+            :func:`imc_kernels.reference.block_sparse.check_forward_inputs`.
+
+    Example:
+        >>> from imc_kernels.reference.block_sparse import block_layout
+        >>> layout = block_layout(torch.tensor([[True, False]]), 2)
+        >>> block_sparse_forward(torch.ones(1, 4), torch.ones(2, 4), None, layout)
+        tensor([[2., 2.]])
+    """
+    from imc_kernels.reference import block_sparse as _ref_block_sparse
+
+    _ref_block_sparse.check_forward_inputs(x, weight, bias, layout, out)
+    if block_sparse_backend(weight, layout) == "triton":
+        from imc_kernels.ops import block_sparse as _triton_block_sparse
+
+        return _triton_block_sparse.block_sparse_forward(x, weight, bias, layout, out=out)
+    return _ref_block_sparse.block_sparse_forward(x, weight, bias, layout, out=out)
+
+
+def block_sparse_grad_input(
+    grad_output: torch.Tensor,
+    weight: torch.Tensor,
+    layout,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``dx = dy (W * mask)`` from the kept tiles only.
+
+    Args:
+        grad_output: ``(M, out_features)``.
+        weight: dense ``(out_features, in_features)``.
+        layout: the kept tiles (a ``BlockLayout``).
+        out: optional contiguous ``(M, in_features)`` buffer.
+
+    Returns:
+        ``(M, in_features)``.
+
+    Raises:
+        TypeError, ValueError: see
+            :func:`imc_kernels.reference.block_sparse.check_grad_input_inputs`.
+    """
+    from imc_kernels.reference import block_sparse as _ref_block_sparse
+
+    _ref_block_sparse.check_grad_input_inputs(grad_output, weight, layout, out)
+    if block_sparse_backend(weight, layout) == "triton":
+        from imc_kernels.ops import block_sparse as _triton_block_sparse
+
+        return _triton_block_sparse.block_sparse_grad_input(grad_output, weight, layout, out=out)
+    return _ref_block_sparse.block_sparse_grad_input(grad_output, weight, layout, out=out)
+
+
+def block_sparse_grad_weight(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    layout,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``dW = (dy^T x) * mask``: computed on kept tiles only, returned dense with exact zeros
+    on pruned tiles.
+
+    Args:
+        grad_output: ``(M, out_features)``.
+        x: the forward's input, ``(M, in_features)``.
+        layout: the kept tiles (a ``BlockLayout``).
+        out: optional contiguous ``(out_features, in_features)`` buffer.
+
+    Returns:
+        ``(out_features, in_features)``.
+
+    Raises:
+        TypeError, ValueError: see
+            :func:`imc_kernels.reference.block_sparse.check_grad_weight_inputs`.
+    """
+    from imc_kernels.reference import block_sparse as _ref_block_sparse
+
+    _ref_block_sparse.check_grad_weight_inputs(grad_output, x, layout, out)
+    if block_sparse_backend(x, layout) == "triton":
+        from imc_kernels.ops import block_sparse as _triton_block_sparse
+
+        return _triton_block_sparse.block_sparse_grad_weight(grad_output, x, layout, out=out)
+    return _ref_block_sparse.block_sparse_grad_weight(grad_output, x, layout, out=out)
