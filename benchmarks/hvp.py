@@ -11,8 +11,11 @@ For every model (``benchmarks/models.py``) and block size b it times
   ``jvp_grad`` (``torch.func.jvp(torch.func.grad(loss))``, one vector at a time) and
   ``vmap_jvp_grad`` (the same under ``torch.func.vmap`` over the block);
 * ours: ``imc_kernels.hvp.HessianOperator(..., engine=e, curvature=c).matmat(V)`` for the
-  ``fused``, ``func`` and ``double_backward`` engines (GGN too for fused and func). Building
-  the operator (which may run the primal forward/backward once) is timed apart: ``setup``.
+  ``fused``, ``func`` and ``double_backward`` engines (GGN too for fused and func), and
+  ``ours_fused_graph``: the fused engine with ``cuda_graph=True`` (the block product replayed
+  from a CUDA graph captured by the correctness call; CUDA only, listed as unavailable on
+  CPU). Building the operator (which may run the primal forward/backward once) is timed
+  apart: ``setup``.
 
 Per-vector time = median time of one block call / b; every call gets a fresh random block.
 A block size whose call is predicted (from the previous block) to take longer than
@@ -55,10 +58,14 @@ BASELINES = ("double_backward", "double_backward_reuse", "jvp_grad", "vmap_jvp_g
 # Our engines and the curvatures each one offers.
 OURS = {
     "ours_fused": ("fused", ("hessian", "ggn")),
+    "ours_fused_graph": ("fused", ("hessian", "ggn")),
     "ours_func": ("func", ("hessian", "ggn")),
     "ours_double_backward": ("double_backward", ("hessian",)),
 }
 METHODS = (*BASELINES, *OURS)
+# Ours with HessianOperator(..., cuda_graph=True); the operator refuses it on CPU, with the
+# reason the report lists.
+GRAPH_METHODS = ("ours_fused_graph",)
 CURVATURES = ("hessian", "ggn")
 DEFAULT_BLOCKS = (1, 8, 32)
 # --quick is a smoke run (< 1 min on 2 CPU cores): the per-vector loops of the baselines cost
@@ -274,11 +281,19 @@ def _reason(error: BaseException) -> str:
 
 
 class Ours:
-    """``HessianOperator(model, loss_fn, batch, curvature, engine).matmat``."""
+    """``HessianOperator(model, loss_fn, batch, curvature, engine[, cuda_graph]).matmat``."""
 
-    def __init__(self, operator_cls, problem: Problem, engine: str, curvature: str):
+    def __init__(
+        self, operator_cls, problem: Problem, engine: str, curvature: str, cuda_graph=False
+    ):
+        graph = {"cuda_graph": True} if cuda_graph else {}
         self.operator = operator_cls(
-            problem.model, problem.loss_fn, problem.batch, curvature=curvature, engine=engine
+            problem.model,
+            problem.loss_fn,
+            problem.batch,
+            curvature=curvature,
+            engine=engine,
+            **graph,
         )
 
     def __call__(self, block: torch.Tensor) -> torch.Tensor:
@@ -440,7 +455,9 @@ def run_model(name: str, blocks, chosen: list[Variant], settings: Settings, args
         if variant.engine is None:
             make = lambda v=variant: BASELINE_CLASSES[v.method](problem)  # noqa: E731
         else:
-            make = lambda v=variant: Ours(operator_cls, problem, v.engine, v.curvature)  # noqa: E731
+            make = lambda v=variant: Ours(  # noqa: E731
+                operator_cls, problem, v.engine, v.curvature, v.method in GRAPH_METHODS
+            )
         try:
             fn = make()
         except Exception as error:  # e.g. an engine that does not support this model

@@ -346,12 +346,11 @@ def main(argv=None) -> int:
         sections.append(
             "\n".join(
                 [
-                    f"## {dataset}, {model}",
+                    # results_markdown heads its tables with "## <dataset>, <model>".
+                    report.results_markdown(result.rows),
                     "",
                     f"Files: `{folder.relative_to(out_root).as_posix()}/` (runs.jsonl, "
                     "results.json, results.md, plots).",
-                    "",
-                    report.results_markdown(result.rows),
                     "",
                     "### Targets",
                     "",

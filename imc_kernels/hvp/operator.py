@@ -25,6 +25,7 @@ from imc_kernels.hvp._common import (
     strict_fp32,
     unpack_batch,
 )
+from imc_kernels.hvp.cuda_graph import CudaGraphBlockProduct, cuda_graph_unsupported_reason
 from imc_kernels.hvp.double_backward import DoubleBackwardEngine
 from imc_kernels.hvp.func_engine import FuncEngine
 from imc_kernels.hvp.fused import FusedEngine, fused_unsupported_reason
@@ -56,10 +57,21 @@ class HessianOperator:
             running statistics) and restores its mode afterwards; ``"train"`` keeps train
             mode, where products are neither deterministic (dropout) nor row-separable
             (BatchNorm batch statistics).
-        check_finite: raise ``FloatingPointError`` when a product is not finite.
+        check_finite: raise ``FloatingPointError`` when a product is not finite. The check
+            reads one scalar on the host, so every product waits for the device; pass False
+            for products that return before the device is done (with ``cuda_graph``: a
+            replay with no host synchronisation).
+        cuda_graph: capture the fused engine's block product in a CUDA graph, once per block
+            width, and replay it (:mod:`imc_kernels.hvp.cuda_graph`): for the launch-bound
+            products of small models. Needs a CUDA model and the fused engine (``"fused"``,
+            or ``"auto"`` when it picks fused). The first product of each width warms up and
+            captures; each graph holds a ``(dim, b)`` input and output and the scratch of one
+            product until :meth:`reset_graphs`.
 
     Raises:
-        ValueError: bad arguments, a batch that does not fit the model, targets out of range.
+        ValueError: bad arguments, a batch that does not fit the model, targets out of range,
+            ``cuda_graph=True`` on a CPU model, with another engine, or in train mode with
+            Dropout/BatchNorm.
         TypeError: tensors of the wrong type, dtype or device.
         FloatingPointError: the loss is not finite.
 
@@ -83,6 +95,7 @@ class HessianOperator:
         engine: str = "auto",
         mode: str = "eval",
         check_finite: bool = True,
+        cuda_graph: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -94,13 +107,21 @@ class HessianOperator:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if batch is None:
             raise ValueError("batch is required: a pair (inputs, targets)")
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be True or False, got {cuda_graph!r}")
         self.model = model
         self.layout = ParamLayout.of(model)
+        if cuda_graph:
+            reason = cuda_graph_unsupported_reason(self.layout.device, engine, mode, model)
+            if reason:
+                raise ValueError(f"cuda_graph=True: {reason}")
         self.inputs, self.targets = unpack_batch(batch, self.layout)
         self.loss_fn = resolve_loss(loss_fn, self.targets)
         self.curvature = curvature
         self.mode = mode
         self.check_finite = check_finite
+        self.cuda_graph = cuda_graph
+        self.graphs: CudaGraphBlockProduct | None = None
         self.n_products = 0
         self._warn_mode(model, mode)
 
@@ -113,6 +134,13 @@ class HessianOperator:
             self._engine = _ENGINES[self.engine](
                 model, self.layout, self.loss_fn, self.inputs, self.targets, curvature
             )
+        if cuda_graph:
+            if self.engine != "fused":  # engine="auto" picked another one
+                raise ValueError(
+                    "cuda_graph=True: CUDA graphs capture the fused engine's block product; "
+                    f"engine='auto' chose {self.engine!r} ({self.engine_reason})"
+                )
+            self.graphs = CudaGraphBlockProduct(self._block_product, self.device, self._context)
         logger.info("HessianOperator: engine %s (%s)", self.engine, self.engine_reason)
 
     # ----------------------------------------------------------------------------- setup
@@ -193,24 +221,45 @@ class HessianOperator:
     def device(self) -> torch.device:
         return self.layout.device
 
-    def matmat(self, block: torch.Tensor) -> torch.Tensor:
+    def matmat(self, block: torch.Tensor, *, copy: bool = True) -> torch.Tensor:
         """``H @ V`` for a block ``V`` of shape ``(dim, b)``; returns ``(dim, b)``.
+
+        Args:
+            block: ``(dim, b)`` (or ``(dim,)``).
+            copy: with ``cuda_graph``, False returns the graph's static output itself instead
+                of a copy: no device copy, but the next product of the same width overwrites
+                it. Without ``cuda_graph`` every result is a new tensor either way.
 
         Raises:
             ValueError: wrong shape. TypeError: wrong dtype or device.
             FloatingPointError: a non-finite product (with ``check_finite``).
+            RuntimeError: with ``cuda_graph``, the capture failed.
         """
         block, was_vector = check_block(block, self.layout)
         b = block.shape[1]
         if b == 0:
             return block.new_zeros(block.shape)
-        with self._context():
-            pieces = self._engine.matmat(self.layout.split_block(block))
-        out = self.layout.join_block(pieces, b)
+        if self.graphs is not None:
+            out = self.graphs(block, copy=copy)
+        else:
+            with self._context():
+                out = self._block_product(block)
+        # After the product, outside any graph: the check synchronises with the device.
         if self.check_finite:
             check_finite_product(out, self.engine)
         self.n_products += b
         return out[:, 0] if was_vector else out
+
+    def _block_product(self, block: torch.Tensor) -> torch.Tensor:
+        """``(dim, b) -> (dim, b)``: the work of one product, all a CUDA graph captures."""
+        pieces = self._engine.matmat(self.layout.split_block(block))
+        return self.layout.join_block(pieces, block.shape[1])
+
+    def reset_graphs(self) -> None:
+        """Free the CUDA graphs, their buffers and memory pools; the next product of each
+        width captures again. Nothing to do without ``cuda_graph``."""
+        if self.graphs is not None:
+            self.graphs.reset()
 
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         """``H @ v`` for ``v`` of shape ``(dim,)``."""
@@ -261,7 +310,8 @@ def hvp(model: nn.Module, loss_fn: Callable | None, batch, v: torch.Tensor, **kw
     Args:
         model, loss_fn, batch: as for :class:`HessianOperator`.
         v: ``(dim,)`` or ``(dim, b)``.
-        **kwargs: ``curvature``, ``engine``, ``mode``, ``check_finite``.
+        **kwargs: ``curvature``, ``engine``, ``mode``, ``check_finite`` (``cuda_graph`` too,
+            though one product gains nothing from a graph).
 
     Returns:
         ``H @ v``, shaped like ``v``.

@@ -1038,7 +1038,26 @@ def run_one(
         **train_kwargs,
     )
     phases.append(_phase("train", result.sgd_steps, train_batch, train_batch, result.wall_s))
-    layers = sparsity_report(model, masks)
+    return _record(
+        spec,
+        model,
+        masks,
+        result,
+        phases,
+        hessian_batch=hessian_batch,
+        train_batch=train_batch,
+        started=started,
+        device=device,
+        imc=imc_info,
+    )
+
+
+def _record(
+    spec, model, masks, outcome, phases, *, hessian_batch, train_batch, started, device, **extra
+) -> RunRecord:
+    """The record of a finished run; ``outcome`` has ``final_acc``, ``mean_last3_acc``,
+    ``history`` and ``config`` (a :class:`~imc_prune.train.TrainResult` or an IMP round)."""
+    layers = sparsity_report(model, {name: m.to(_model_device(model)) for name, m in masks.items()})
     return RunRecord(
         key=spec.key,
         spec=spec.to_dict(),
@@ -1050,20 +1069,25 @@ def run_one(
         target=spec.target,
         weights_remaining=float(layers["weights_remaining"]),
         layers=layers["layers"],
-        final_acc=float(result.final_acc),
-        mean_last3_acc=float(result.mean_last3_acc),
-        history=result.history,
+        final_acc=float(outcome.final_acc),
+        mean_last3_acc=float(outcome.mean_last3_acc),
+        history=outcome.history,
         compute=_compute_summary(phases, hessian_batch, train_batch),
         phases=phases,
         wall_s=sum(p["wall_s"] for p in phases),
         elapsed_s=time.perf_counter() - started,
-        imc=imc_info,
-        imp=None,
-        train_config=_json_safe(result.config),
+        imc=extra.get("imc"),
+        imp=extra.get("imp"),
+        train_config=_json_safe(outcome.config),
         environment=_environment(device),
         masks={name: mask.detach().cpu() for name, mask in masks.items()},
         network=model,
     )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def _run_trajectory(spec, splits, imp_cache, device, progress, train_batch, started) -> RunRecord:
@@ -1088,31 +1112,17 @@ def _run_trajectory(spec, splits, imp_cache, device, progress, train_batch, star
     model = _build(spec, splits)
     model.load_state_dict(last.trained)
     model.to(device)
-    layers = sparsity_report(model, {name: m.to(device) for name, m in last.masks.items()})
-    return RunRecord(
-        key=spec.key,
-        spec=spec.to_dict(),
-        dataset=spec.dataset,
-        model=spec.model,
-        method=spec.method,
-        label=spec.label,
-        seed=spec.seed,
-        target=spec.target,
-        weights_remaining=float(layers["weights_remaining"]),
-        layers=layers["layers"],
-        final_acc=float(last.final_acc),
-        mean_last3_acc=float(last.mean_last3_acc),
-        history=last.history,
-        compute=_compute_summary(phases, None, train_batch),
-        phases=phases,
-        wall_s=sum(p["wall_s"] for p in phases),
-        elapsed_s=time.perf_counter() - started,
-        imc=None,
+    return _record(
+        spec,
+        model,
+        last.masks,
+        last,
+        phases,
+        hessian_batch=None,
+        train_batch=train_batch,
+        started=started,
+        device=device,
         imp=[r.summary() for r in rounds] if spec.method == "imp" else None,
-        train_config=last.config,
-        environment=_environment(device),
-        masks=last.masks,
-        network=model,
     )
 
 

@@ -60,12 +60,20 @@ class CrossEntropyRule:
             ignore_index=self.ignore_index,
         )
         self.p_masked = None
+        self.tangent_kernel = None
         backend = _dispatch.select(
             "cross_entropy", z.device, z.dtype, available=("triton", "reference")
         )
         if backend == "reference":
             valid = (targets != self.ignore_index).unsqueeze(1)
             self.p_masked = torch.where(valid, torch.softmax(z, dim=1), 0.0)
+        else:
+            # Products call the Triton launcher, not ops.cross_entropy_hvp: the targets were
+            # checked by the call above, and the dispatcher's check reads them on the host,
+            # a device sync per product that CUDA-graph capture forbids (hvp/cuda_graph.py).
+            from imc_kernels.ops import cross_entropy as triton_cross_entropy
+
+            self.tangent_kernel = triton_cross_entropy.cross_entropy_hvp
         return row_loss.sum() * self.scale, g_z
 
     def tangent(self, rz):
@@ -74,7 +82,7 @@ class CrossEntropyRule:
             p = self.p_masked.unsqueeze(1)
             return (p * rz - p * (p * rz).sum(dim=2, keepdim=True)) * self.scale
         # The kernel takes (b, N, C); the engine's tangents are (N, b, C).
-        _, _, rg = ops.cross_entropy_hvp(
+        _, _, rg = self.tangent_kernel(
             self.z,
             self.targets,
             rz.transpose(0, 1),
