@@ -230,7 +230,9 @@ def _pruning_options(parser: argparse.ArgumentParser) -> None:
         "--rewind", choices=("init", "warmup"), default=None, help="IMC: rewind to W0 or keep W*"
     )
     group = parser.add_argument_group("baselines")
-    group.add_argument("--scope", choices=SCOPES, default=None, help="mask scope (global)")
+    group.add_argument(
+        "--scope", choices=SCOPES, default=None, help="mask scope, IMC's too (global)"
+    )
     group.add_argument("--imp-rate", type=float, default=None, help="IMP rate per round (0.2)")
     group.add_argument(
         "--rewind-step", type=int, default=None, help="IMP/one-shot rewind step (0 = W0)"
@@ -310,6 +312,8 @@ def _settings(args) -> dict:
     train.update(_pick(args, _TRAIN_OPTIONS))
     imc = dict(QUICK_IMC) if args.quick else {}
     imc.update(_pick(args, _IMC_OPTIONS))
+    if getattr(args, "scope", None) is not None:
+        imc["scope"] = args.scope  # IMC's masks too, not only the baselines'
     baseline = dict(QUICK_BASELINE) if args.quick else {}
     for option, key in (
         ("scope", "scope"),
