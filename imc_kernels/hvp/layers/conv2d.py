@@ -14,15 +14,76 @@ Batching the block (kernel_design.md section 2.2): terms with a shared weight st
 tangents along the batch (one convolution of batch bN); terms with a shared input stack the b
 weight tangents along output channels (one convolution with bCo outputs, groups = 1), and
 ``conv_w(rx_i, g_y)`` is one grouped weight-gradient call with b groups.
+
+Two ways to run those calls over the batch (``IMC_CONV_BLOCK_PATH``):
+
+* ``batched``: each term is one call over the whole batch, outputs freshly allocated. The
+  default on CUDA, where cuDNN runs large and grouped calls well.
+* ``chunked``: the same per-term calls on chunks of samples sized so that every operand and
+  temporary of a call is about ``CHUNK_BYTES``, written into output buffers the rule keeps
+  between products. The default on the CPU. Every term is separable over samples (the
+  weight terms are sums over them), so chunking changes only the summation order.
+
+Why chunks on the CPU (cnn_small's second conv, 16->32 channels at 14x14, batch 512, b = 8,
+one thread, ms per vector, whole batch -> chunks of 16 samples, 3 MB): tangent forward
+35 -> 11, weight terms 11 -> 5.3 and 17 -> 5.7, input terms 29 -> 10; at b = 32 the forward
+went 81 -> 12. One convolution of the plain batch takes 5.3 ms, so the whole-batch block calls
+ran 2-3x (up to 15x at b = 32) slower per vector than single products. The cause is memory,
+not the convolution algorithm: a block tensor is b times larger (100 MB for this layer at
+b = 8), so glibc serves it from fresh mmap pages every call and first-touch page faults cost
+about 0.4 ms/MB on the benchmark machine (a 100 MB fill: 41 ms fresh, 3.3 ms into reused
+memory), and the operands stream from DRAM instead of staying in cache. im2col GEMMs
+(``F.unfold`` once per operator, then ``matmul``) were measured too and lost to chunked
+convolutions (10-15 vs 5-7 ms per vector for the weight and input terms): oneDNN's direct
+kernels beat GEMMs with 144- to 288-long reductions, and the patch matrices cost 9x the
+activations. Whole fused product on cnn_small at b = 8, one thread: 1.42 -> 0.69 gradients
+per vector. The price is memory: the kept buffers hold one block tangent of the layer's output
+and one of its input between products (what a product allocates anyway). Chunks also mean
+more OpenMP parallel regions: with two threads in a niced process beside a full-core job,
+each region waited for a descheduled thread and the cost followed the chunk count (b = 8:
+whole batch 245, 24 MiB chunks 365, 8 MiB 786 ms per vector; one gradient took 340 ms there
+against 90 ms on one thread). Quiet multi-core machines are not measured yet;
+``IMC_CONV_BLOCK_PATH=batched`` restores the whole-batch calls.
 """
 
 from __future__ import annotations
+
+import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from imc_kernels.hvp.layers.base import LayerRule, unsupported
+
+BLOCK_PATHS = ("auto", "batched", "chunked")
+
+# Target size of the largest per-sample-chunk operand. On the benchmark CPU (AMD EPYC, 2
+# cores) chunks of 3 to 13 MB ran equally fast and 25 MB chunks ran 3x slower (temporaries
+# near glibc's 32 MB mmap threshold get fresh pages again); 8 MiB sits in the flat middle.
+# Tests lower it to force several chunks with a ragged last one.
+CHUNK_BYTES = 8 * 2**20
+
+
+def block_path(device: torch.device) -> str:
+    """``"batched"`` or ``"chunked"``: how the block terms run on ``device``.
+
+    Read from ``IMC_CONV_BLOCK_PATH`` on every product: ``auto`` (default) picks ``chunked``
+    on the CPU and ``batched`` elsewhere; ``batched`` or ``chunked`` force one path.
+
+    Raises:
+        ValueError: the variable holds something else.
+    """
+    setting = os.environ.get("IMC_CONV_BLOCK_PATH", "auto").strip().lower() or "auto"
+    if setting not in BLOCK_PATHS:
+        raise ValueError(
+            f"IMC_CONV_BLOCK_PATH={setting!r} is not one of {', '.join(BLOCK_PATHS)}; "
+            "unset it to let the Conv2d rule choose by device"
+        )
+    if setting == "auto":
+        return "chunked" if device.type == "cpu" else "batched"
+    return setting
 
 
 def conv2d_unsupported_reason(module) -> str | None:
@@ -56,6 +117,10 @@ class Conv2dRule(LayerRule):
             dilation=module.dilation,
             groups=module.groups,
         )
+        # Flat output buffers of the chunked path, by role ("ry", "rg_x"), reused by every
+        # product. Safe to overwrite on the next product: every consumer reads a tangent
+        # within the product that made it, and the products (Hv) themselves are fresh.
+        self.workspace: dict[str, torch.Tensor] = {}
 
     def _conv(self, x, weight, bias=None):
         return F.conv2d(x, weight, bias, **self.conv_args)
@@ -72,25 +137,72 @@ class Conv2dRule(LayerRule):
             return None
         return conv2d_input(self.x.shape, self.module.weight, g_y, **self.conv_args)
 
+    # ------------------------------------------------------------------ sample chunks
+
+    def _sample_chunks(self, b: int) -> list[slice]:
+        """Slices of the batch for one product; a single slice on the batched path."""
+        n = self.x.shape[0]
+        if block_path(self.x.device) == "batched":
+            return [slice(None)]
+        per_sample = max(1, b * max(self.x[0].numel(), self.y_shape[1:].numel()))
+        size = max(1, CHUNK_BYTES // (per_sample * self.x.element_size()))
+        if size >= n:
+            return [slice(None)]
+        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+    def _output(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A kept buffer for ``role`` viewed as ``shape``; grows, never shrinks.
+
+        Fresh large tensors are what made the whole-batch path slow on the CPU (page faults on
+        every product), so a block of a new size reuses the front of a larger buffer instead
+        of allocating; a solver alternating block sizes pays for the largest one once.
+        """
+        numel = math.prod(shape)
+        buffer = self.workspace.get(role)
+        if (
+            buffer is None
+            or buffer.numel() < numel
+            or buffer.dtype != like.dtype
+            or buffer.device != like.device
+        ):
+            buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self.workspace[role] = buffer
+        return buffer[:numel].view(shape)
+
+    # ------------------------------------------------------------------ tangent passes
+
     def tangent_forward(self, rx, dparams):
-        weight = self.module.weight
         d_weight = dparams[0]
         d_bias = dparams[1] if self.module.bias is not None else None
         self.rx, self.d_weight = rx, d_weight
         if rx is None and d_weight is None and d_bias is None:
             return None
-        n, co, ho, wo = self.y_shape
         b = rx.shape[1] if rx is not None else next(t for t in dparams if t is not None).shape[0]
+        chunks = self._sample_chunks(b)
+        if len(chunks) == 1:
+            return self._forward_terms(self.x, rx, d_weight, d_bias, b)
+        n, co, ho, wo = self.y_shape
+        ry = self._output("ry", (n, b, co, ho, wo), self.x)
+        for s in chunks:
+            part = None if rx is None else rx[s]
+            ry[s] = self._forward_terms(self.x[s], part, d_weight, d_bias, b)
+        return ry
+
+    def _forward_terms(self, x, rx, d_weight, d_bias, b):
+        """``conv(x, dW_i) + conv(rx_i, W) + dc_i`` for samples ``x`` (n, Ci, H, W)."""
+        weight = self.module.weight
+        n = x.shape[0]
+        co, ho, wo = self.y_shape[1:]
         if d_weight is not None:
             if self.module.groups == 1:
-                # The b weight tangents as b*Co output channels: output (N, b*Co, Ho, Wo).
-                ry = self._conv(self.x, d_weight.flatten(0, 1)).view(n, b, co, ho, wo)
+                # The b weight tangents as b*Co output channels: output (n, b*Co, Ho, Wo).
+                ry = self._conv(x, d_weight.flatten(0, 1)).view(n, b, co, ho, wo)
             else:
-                ry = torch.stack([self._conv(self.x, d_weight[i]) for i in range(b)], dim=1)
+                ry = torch.stack([self._conv(x, d_weight[i]) for i in range(b)], dim=1)
             if rx is not None:
                 ry += self._conv(rx.flatten(0, 1), weight).view(n, b, co, ho, wo)
         elif rx is not None:
-            # (N, b, Ci, H, W) is a batch of N*b samples for the shared weight: a free view.
+            # (n, b, Ci, H, W) is a batch of n*b samples for the shared weight: a free view.
             ry = self._conv(rx.flatten(0, 1), weight).view(n, b, co, ho, wo)
         else:
             ry = torch.zeros(n, b, co, ho, wo, dtype=weight.dtype, device=weight.device)
@@ -100,62 +212,82 @@ class Conv2dRule(LayerRule):
 
     def tangent_backward(self, rg_y, need_input_grad):
         weight = self.module.weight
-        n, b, co = rg_y.shape[:3]
+        n, b = rg_y.shape[:2]
         rg_y = rg_y.contiguous()
+        chunks = self._sample_chunks(b)
         hv_weight = hv_bias = None
         if weight.requires_grad:
-            if self.module.groups == 1:
-                stacked = rg_y.view(n, b * co, *rg_y.shape[3:])
-                hv_weight = conv2d_weight(
-                    self.x, (b * co, *weight.shape[1:]), stacked, **self.conv_args
-                ).view(b, *weight.shape)
-            else:
-                hv_weight = torch.stack(
-                    [
-                        conv2d_weight(self.x, weight.shape, rg_y[:, i], **self.conv_args)
-                        for i in range(b)
-                    ]
-                )
-            if self.hessian and self.rx is not None:
-                hv_weight += self._weight_grad_of_input_tangents()
+            for s in chunks:
+                part = self._weight_terms(s, rg_y[s], b)
+                hv_weight = part if hv_weight is None else hv_weight.add_(part)
         if self.module.bias is not None and self.module.bias.requires_grad:
             hv_bias = rg_y.sum(dim=(0, 3, 4))
         rg_x = None
         if need_input_grad:
-            rg_x = conv2d_input(
-                (n * b, *self.x.shape[1:]), weight, rg_y.flatten(0, 1), **self.conv_args
-            ).view(n, b, *self.x.shape[1:])
-            if self.hessian and self.d_weight is not None:
-                rg_x += self._input_grad_of_weight_tangents(b)
+            if len(chunks) == 1:
+                rg_x = self._input_terms(chunks[0], rg_y, b)
+            else:
+                rg_x = self._output("rg_x", (n, b, *self.x.shape[1:]), rg_y)
+                for s in chunks:
+                    rg_x[s] = self._input_terms(s, rg_y[s], b)
         hv = [hv_weight] + ([hv_bias] if self.module.bias is not None else [])
         return rg_x, hv
 
-    def _weight_grad_of_input_tangents(self):
+    def _weight_terms(self, s: slice, rg_y, b):
+        """``conv_w(x, rg_y_i) + conv_w(rx_i, g_y)`` over the samples ``s``, as (b, *W.shape)."""
+        weight = self.module.weight
+        x = self.x[s]
+        n, co = rg_y.shape[0], rg_y.shape[2]
+        if self.module.groups == 1:
+            stacked = rg_y.view(n, b * co, *rg_y.shape[3:])
+            hv_weight = conv2d_weight(
+                x, (b * co, *weight.shape[1:]), stacked, **self.conv_args
+            ).view(b, *weight.shape)
+        else:
+            hv_weight = torch.stack(
+                [conv2d_weight(x, weight.shape, rg_y[:, i], **self.conv_args) for i in range(b)]
+            )
+        if self.hessian and self.rx is not None:
+            hv_weight += self._weight_grad_of_input_tangents(self.rx[s], self.g_y[s])
+        return hv_weight
+
+    def _input_terms(self, s: slice, rg_y, b):
+        """``conv_x(rg_y_i, W) + conv_x(g_y, dW_i)`` over the samples ``s``, as (n, b, Ci, H, W)."""
+        n = rg_y.shape[0]
+        rg_x = conv2d_input(
+            (n * b, *self.x.shape[1:]), self.module.weight, rg_y.flatten(0, 1), **self.conv_args
+        ).view(n, b, *self.x.shape[1:])
+        if self.hessian and self.d_weight is not None:
+            rg_x += self._input_grad_of_weight_tangents(self.g_y[s], b)
+        return rg_x
+
+    def _weight_grad_of_input_tangents(self, rx, g_y):
         """``conv_w(rx_i, g_y)`` for the whole block in one grouped call (b * g groups)."""
         weight, groups = self.module.weight, self.module.groups
-        n, b, ci = self.rx.shape[:3]
+        n, b, ci = rx.shape[:3]
         co = weight.shape[0]
-        inputs = self.rx.reshape(n, b * ci, *self.rx.shape[3:])
-        grads = self.g_y.unsqueeze(1).expand(n, b, *self.g_y.shape[1:])
-        grads = grads.reshape(n, b * co, *self.g_y.shape[2:])
+        inputs = rx.reshape(n, b * ci, *rx.shape[3:])
+        grads = g_y.unsqueeze(1).expand(n, b, *g_y.shape[1:])
+        grads = grads.reshape(n, b * co, *g_y.shape[2:])
         args = dict(self.conv_args, groups=b * groups)
         return conv2d_weight(inputs, (b * co, *weight.shape[1:]), grads, **args).view(
             b, *weight.shape
         )
 
-    def _input_grad_of_weight_tangents(self, b):
-        """``conv_x(g_y, dW_i)`` for the whole block, as (N, b, Ci, H, W)."""
-        n, ci = self.x.shape[:2]
+    def _input_grad_of_weight_tangents(self, g_y, b):
+        """``conv_x(g_y, dW_i)`` for the whole block, as (n, b, Ci, H, W)."""
+        n = g_y.shape[0]
+        ci, spatial = self.x.shape[1], self.x.shape[2:]
         if self.module.groups == 1:
             # The b weight tangents side by side as one (Co, b*Ci, kh, kw) weight.
             stacked = self.d_weight.transpose(0, 1).reshape(
                 self.d_weight.shape[1], b * ci, *self.d_weight.shape[3:]
             )
-            out = conv2d_input((n, b * ci, *self.x.shape[2:]), stacked, self.g_y, **self.conv_args)
-            return out.view(n, b, ci, *self.x.shape[2:])
+            out = conv2d_input((n, b * ci, *spatial), stacked, g_y, **self.conv_args)
+            return out.view(n, b, ci, *spatial)
         return torch.stack(
             [
-                conv2d_input(self.x.shape, self.d_weight[i], self.g_y, **self.conv_args)
+                conv2d_input((n, ci, *spatial), self.d_weight[i], g_y, **self.conv_args)
                 for i in range(b)
             ],
             dim=1,
