@@ -375,7 +375,13 @@ def _specs(make) -> list:
 
 
 def _pct(value: float) -> str:
-    return f"{100 * value:.2f} %"
+    """A percentage with two decimals, more when two would round a fraction that is not 0
+    or 1 to 0 % or 100 % (IMC's automatic prune rate is often a few weights in 10^5)."""
+    pct = 100 * value
+    digits = 2
+    while digits < 6 and round(pct, digits) in (0.0, 100.0) and pct not in (0.0, 100.0):
+        digits += 1
+    return f"{pct:.{digits}f} %"
 
 
 def _files_line(files: dict) -> list[str]:
