@@ -41,7 +41,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import _harness  # noqa: E402
-from imc_prune import experiment, report  # noqa: E402
+from imc_prune import cli, experiment, report  # noqa: E402
 from imc_prune.data import DatasetNotFoundError  # noqa: E402
 
 DEFAULT_MODELS = ("lenet300100",)
@@ -57,22 +57,8 @@ COMPUTE_FRACTION = 0.1
 
 
 def _parse_remaining(text: str) -> list[float | str]:
-    values: list[float | str] = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if part == "auto":
-            values.append("auto")
-            continue
-        try:
-            value = float(part.rstrip("%")) / (100.0 if part.endswith("%") else 1.0)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"not a fraction, percentage or auto: {part!r}"
-            ) from None
-        if not 0.0 < value <= 1.0:
-            raise argparse.ArgumentTypeError(f"weights remaining must be in (0, 1]: {part!r}")
-        values.append(value)
-    return values
+    """Comma-separated targets, each as ``imc-prune`` reads one (auto, 0.05 or 5%)."""
+    return [cli.parse_remaining(part) for part in text.split(",")]
 
 
 def _parse_names(text: str, allowed, what: str) -> list[str]:

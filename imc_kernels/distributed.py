@@ -64,6 +64,7 @@ from imc_kernels.hvp._common import (
     resolve_loss,
     unpack_batch,
 )
+from imc_kernels.hvp.operator import FlatLayoutProperties
 
 __all__ = [
     "REDUCTIONS",
@@ -219,7 +220,7 @@ def broadcast_model(model: nn.Module, group=None) -> None:
 
 
 # ------------------------------------------------------------------------------ operator
-class DistributedHessianOperator:
+class DistributedHessianOperator(FlatLayoutProperties):
     """The full-batch Hessian (or GGN) as a sum of per-rank shard operators.
 
     Rank ``r`` builds a :class:`~imc_kernels.HessianOperator` on its shard; ``H @ V`` applies
@@ -413,23 +414,6 @@ class DistributedHessianOperator:
         self.loss = torch.tensor(full_loss, dtype=self.dtype, device=self.device)
 
     # --------------------------------------------------------------------------- the layout
-    @property
-    def dim(self) -> int:
-        """Number of trainable parameters (the operator is ``dim x dim``)."""
-        return self.layout.dim
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.dim, self.dim)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.layout.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.layout.device
-
     @property
     def engine(self) -> str:
         """The shard operator's engine (``"none"`` on a rank with an empty shard)."""

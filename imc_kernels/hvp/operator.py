@@ -35,7 +35,30 @@ logger = logging.getLogger("imc_kernels")
 _ENGINES = {"fused": FusedEngine, "func": FuncEngine, "double_backward": DoubleBackwardEngine}
 
 
-class HessianOperator:
+class FlatLayoutProperties:
+    """``dim``, ``shape``, ``dtype`` and ``device`` of an operator on flat parameter vectors,
+    read from its ``layout`` (shared by :class:`HessianOperator` and the data-parallel
+    operator of :mod:`imc_kernels.distributed`)."""
+
+    @property
+    def dim(self) -> int:
+        """Number of trainable parameters (the operator is ``dim x dim``)."""
+        return self.layout.dim
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.dim, self.dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layout.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layout.device
+
+
+class HessianOperator(FlatLayoutProperties):
     """The Hessian (or Gauss-Newton matrix) of ``loss_fn(model(inputs), targets)``.
 
     Products take flat vectors in ``model.parameters()`` order (trainable parameters only):
@@ -204,23 +227,6 @@ class HessianOperator:
             yield
 
     # --------------------------------------------------------------------------- products
-    @property
-    def dim(self) -> int:
-        """Number of trainable parameters (the operator is ``dim x dim``)."""
-        return self.layout.dim
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.dim, self.dim)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.layout.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.layout.device
-
     def matmat(self, block: torch.Tensor, *, copy: bool = True) -> torch.Tensor:
         """``H @ V`` for a block ``V`` of shape ``(dim, b)``; returns ``(dim, b)``.
 
