@@ -64,7 +64,7 @@ from imc_kernels.hvp._common import (
     resolve_loss,
     unpack_batch,
 )
-from imc_kernels.hvp.operator import FlatLayoutProperties
+from imc_kernels.hvp.operator import FlatParameterOperator
 
 __all__ = [
     "REDUCTIONS",
@@ -220,7 +220,7 @@ def broadcast_model(model: nn.Module, group=None) -> None:
 
 
 # ------------------------------------------------------------------------------ operator
-class DistributedHessianOperator(FlatLayoutProperties):
+class DistributedHessianOperator(FlatParameterOperator):
     """The full-batch Hessian (or GGN) as a sum of per-rank shard operators.
 
     Rank ``r`` builds a :class:`~imc_kernels.HessianOperator` on its shard; ``H @ V`` applies
@@ -492,21 +492,6 @@ class DistributedHessianOperator(FlatLayoutProperties):
         self.n_products += b
         return out[:, 0] if was_vector else out
 
-    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
-        """``H @ v`` for ``v`` of shape ``(dim,)``. Collective."""
-        if not isinstance(vector, torch.Tensor) or vector.dim() != 1:
-            shape = tuple(vector.shape) if isinstance(vector, torch.Tensor) else type(vector)
-            raise ValueError(f"matvec takes a vector of shape ({self.dim},), got {shape}")
-        return self.matmat(vector)
-
-    def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
-        return self.matmat(other)
-
-    def as_params(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A flat vector as ``{parameter name: tensor shaped like the parameter}``."""
-        check_block(vector, self.layout)
-        return self.layout.unflatten(vector)
-
     def to_scipy(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (NumPy in, NumPy out, float64).
 
@@ -514,8 +499,7 @@ class DistributedHessianOperator(FlatLayoutProperties):
         arguments on every rank, a start vector ``v0`` included (ARPACK otherwise draws its
         own, differently on each rank, and the agreement check raises).
         """
-        # HessianOperator's adapter only uses matmat, dim, dtype and device.
-        return HessianOperator.to_scipy(self)
+        return super().to_scipy()
 
     def broadcast_seed(self, seed: int) -> int:
         """Rank 0's ``seed``, on every rank. Collective.

@@ -696,6 +696,29 @@ def _layer_mask(mask: Any, weight: torch.Tensor, owner: str) -> torch.Tensor:
     return mask.detach().to(device=weight.device, copy=True)
 
 
+def _check_dense(cls: type, dense: nn.Module, dense_type: type) -> None:
+    """``cls.from_dense`` takes a ``dense_type`` layer; a clear TypeError otherwise."""
+    if not isinstance(dense, dense_type):
+        raise TypeError(
+            f"{cls.__name__}.from_dense needs an nn.{dense_type.__name__}, "
+            f"got {type(dense).__name__}"
+        )
+
+
+def _adopt_dense(layer: nn.Module, dense: nn.Module, mask: torch.Tensor | None) -> nn.Module:
+    """Give ``layer`` (built on the meta device) ``dense``'s own weight and bias parameters,
+    its train/eval mode and ``mask``.
+
+    Nothing is allocated or initialised twice, and optimizers holding the dense parameters
+    keep working.
+    """
+    layer.weight = dense.weight
+    layer.bias = dense.bias
+    layer.set_mask(mask)
+    layer.train(dense.training)
+    return layer
+
+
 class MaskedLinear(nn.Linear):
     """``nn.Linear`` whose forward uses ``weight * mask`` (a dense product).
 
@@ -762,12 +785,7 @@ class MaskedLinear(nn.Linear):
             >>> MaskedLinear.from_dense(dense).weight is dense.weight
             True
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(
-                f"{cls.__name__}.from_dense needs an nn.Linear, got {type(linear).__name__}"
-            )
-        # Built on the meta device, then given the dense layer's own parameters: nothing is
-        # allocated or initialised twice, and optimizers holding them keep working.
+        _check_dense(cls, linear, nn.Linear)
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -775,11 +793,7 @@ class MaskedLinear(nn.Linear):
             device="meta",
             dtype=linear.weight.dtype,
         )
-        layer.weight = linear.weight
-        layer.bias = linear.bias
-        layer.mask = _layer_mask(mask, linear.weight, cls.__name__)
-        layer.train(linear.training)
-        return layer
+        return _adopt_dense(layer, linear, mask)
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -872,10 +886,7 @@ class MaskedConv2d(nn.Conv2d):
             >>> MaskedConv2d.from_dense(dense).weight is dense.weight
             True
         """
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(
-                f"{cls.__name__}.from_dense needs an nn.Conv2d, got {type(conv).__name__}"
-            )
+        _check_dense(cls, conv, nn.Conv2d)
         layer = cls(
             conv.in_channels,
             conv.out_channels,
@@ -889,11 +900,7 @@ class MaskedConv2d(nn.Conv2d):
             device="meta",
             dtype=conv.weight.dtype,
         )
-        layer.weight = conv.weight
-        layer.bias = conv.bias
-        layer.mask = _layer_mask(mask, conv.weight, cls.__name__)
-        layer.train(conv.training)
-        return layer
+        return _adopt_dense(layer, conv, mask)
 
 
 _MASKED_TYPES: dict[type, type] = {nn.Linear: MaskedLinear, nn.Conv2d: MaskedConv2d}

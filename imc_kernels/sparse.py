@@ -42,6 +42,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from imc_kernels import ops
+from imc_kernels.masked import _adopt_dense, _check_dense
 from imc_kernels.reference.block_sparse import (
     BlockLayout,
     block_layout,
@@ -368,10 +369,7 @@ class BlockSparseLinear(nn.Linear):
             >>> BlockSparseLinear.from_dense(dense, block_size=16).weight is dense.weight
             True
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(
-                f"{cls.__name__}.from_dense needs an nn.Linear, got {type(linear).__name__}"
-            )
+        _check_dense(cls, linear, nn.Linear)
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -381,11 +379,7 @@ class BlockSparseLinear(nn.Linear):
             block_size=block_size,
             path=path,
         )
-        layer.weight = linear.weight
-        layer.bias = linear.bias
-        layer.set_mask(mask)
-        layer.train(linear.training)
-        return layer
+        return _adopt_dense(layer, linear, mask)
 
 
 # --- 2:4 semi-structured ---------------------------------------------------------------------
@@ -655,10 +649,7 @@ class SemiStructuredLinear(nn.Linear):
             TypeError: ``linear`` is not an ``nn.Linear``; see the class.
             ValueError: see the class.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(
-                f"{cls.__name__}.from_dense needs an nn.Linear, got {type(linear).__name__}"
-            )
+        _check_dense(cls, linear, nn.Linear)
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -668,11 +659,7 @@ class SemiStructuredLinear(nn.Linear):
             mask=mask,
             path=path,
         )
-        layer.weight = linear.weight
-        layer.bias = linear.bias
-        layer.set_mask(mask)
-        layer.train(linear.training)
-        return layer
+        return _adopt_dense(layer, linear, mask)
 
 
 # --- Swapping layers into a model ------------------------------------------------------------

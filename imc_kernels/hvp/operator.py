@@ -35,10 +35,16 @@ logger = logging.getLogger("imc_kernels")
 _ENGINES = {"fused": FusedEngine, "func": FuncEngine, "double_backward": DoubleBackwardEngine}
 
 
-class FlatLayoutProperties:
-    """``dim``, ``shape``, ``dtype`` and ``device`` of an operator on flat parameter vectors,
-    read from its ``layout`` (shared by :class:`HessianOperator` and the data-parallel
-    operator of :mod:`imc_kernels.distributed`)."""
+class FlatParameterOperator:
+    """What an operator on flat parameter vectors derives from its ``layout`` and its
+    ``matmat``: ``dim``, ``shape``, ``dtype``, ``device``, ``matvec``, ``@``, ``as_params``
+    and ``to_scipy`` (shared by :class:`HessianOperator` and the data-parallel operator of
+    :mod:`imc_kernels.distributed`)."""
+
+    layout: ParamLayout
+
+    def matmat(self, block: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     @property
     def dim(self) -> int:
@@ -57,8 +63,43 @@ class FlatLayoutProperties:
     def device(self) -> torch.device:
         return self.layout.device
 
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        """``H @ v`` for ``v`` of shape ``(dim,)``."""
+        if not isinstance(vector, torch.Tensor) or vector.dim() != 1:
+            shape = tuple(vector.shape) if isinstance(vector, torch.Tensor) else type(vector)
+            raise ValueError(f"matvec takes a vector of shape ({self.dim},), got {shape}")
+        return self.matmat(vector)
 
-class HessianOperator(FlatLayoutProperties):
+    def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
+        return self.matmat(other)
+
+    def as_params(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A flat vector as ``{parameter name: tensor shaped like the parameter}``."""
+        check_block(vector, self.layout)
+        return self.layout.unflatten(vector)
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (NumPy in, NumPy out, float64)."""
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator
+
+        def apply(x):
+            x = np.asarray(x)
+            block = torch.as_tensor(x.reshape(self.dim, -1), dtype=self.dtype, device=self.device)
+            out = self.matmat(block).to(torch.float64).cpu().numpy()
+            return out.reshape(x.shape)
+
+        return LinearOperator(
+            (self.dim, self.dim),
+            matvec=apply,
+            matmat=apply,
+            rmatvec=apply,
+            rmatmat=apply,
+            dtype=np.float64,
+        )
+
+
+class HessianOperator(FlatParameterOperator):
     """The Hessian (or Gauss-Newton matrix) of ``loss_fn(model(inputs), targets)``.
 
     Products take flat vectors in ``model.parameters()`` order (trainable parameters only):
@@ -266,41 +307,6 @@ class HessianOperator(FlatLayoutProperties):
         width captures again. Nothing to do without ``cuda_graph``."""
         if self.graphs is not None:
             self.graphs.reset()
-
-    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
-        """``H @ v`` for ``v`` of shape ``(dim,)``."""
-        if not isinstance(vector, torch.Tensor) or vector.dim() != 1:
-            shape = tuple(vector.shape) if isinstance(vector, torch.Tensor) else type(vector)
-            raise ValueError(f"matvec takes a vector of shape ({self.dim},), got {shape}")
-        return self.matmat(vector)
-
-    def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
-        return self.matmat(other)
-
-    def as_params(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A flat vector as ``{parameter name: tensor shaped like the parameter}``."""
-        check_block(vector, self.layout)
-        return self.layout.unflatten(vector)
-
-    def to_scipy(self):
-        """A ``scipy.sparse.linalg.LinearOperator`` (NumPy in, NumPy out, float64)."""
-        import numpy as np
-        from scipy.sparse.linalg import LinearOperator
-
-        def apply(x):
-            x = np.asarray(x)
-            block = torch.as_tensor(x.reshape(self.dim, -1), dtype=self.dtype, device=self.device)
-            out = self.matmat(block).to(torch.float64).cpu().numpy()
-            return out.reshape(x.shape)
-
-        return LinearOperator(
-            (self.dim, self.dim),
-            matvec=apply,
-            matmat=apply,
-            rmatvec=apply,
-            rmatmat=apply,
-            dtype=np.float64,
-        )
 
     def __repr__(self) -> str:
         return (

@@ -891,9 +891,14 @@ def default_block_size(k: int, device: torch.device | str = "cpu") -> int:
     b = 1, 20 ms at b = 8), so what counts is the number of products, and single-vector
     Lanczos needs the fewest: 25 for k = 10 on the trained MLP against 38 at b = 2, 56 at
     b = 4 and 100 at b = 10 (tol 1e-4, checking every block). Beyond k = 16 the full
-    reorthogonalization against a basis of several k columns dominates a single-vector step
-    on a CPU, so blocks of 8 (16 beyond k = 64) share it: k = 32 took 280 products and 12 s
-    at b = 8 against 213 products and 35 s at b = 1.
+    reorthogonalization against a basis of several k columns costs more than a product on a
+    CPU (k = 32 on the trained MLP, 266,610 weights, one thread: 33 ms per orthogonalization
+    step against 16 ms per product), so small blocks share it. Measured at k = 32, tol 1e-4,
+    one thread, each block at its default basis size (products / seconds): MLP b = 8:
+    320 / 8.6 s, b = 4: 264 / 8.6 s, b = 2: 222 / 9.0 s, b = 1: 213 / 35 s; small CNN
+    (20,490 weights, product-bound): b = 8: 216 / 18.3 s, b = 4: 180 / 14.8 s, b = 2:
+    172 / 14.0 s. Blocks of 4 need close to the fewest products at the solver cost of the
+    widest block, up to k = 64; 16 beyond.
 
     A block holds at most ``b`` copies of a multiple eigenvalue; pass ``block_size`` at least
     the multiplicity expected among the wanted pairs.
@@ -902,7 +907,7 @@ def default_block_size(k: int, device: torch.device | str = "cpu") -> int:
         return max(1, min(k, DEFAULT_MAX_BLOCK))
     if k <= 16:
         return 1
-    return 8 if k <= 64 else DEFAULT_MAX_BLOCK
+    return 4 if k <= 64 else DEFAULT_MAX_BLOCK
 
 
 def default_basis_size(k: int, block_size: int) -> int:
@@ -953,9 +958,9 @@ def block_lanczos(
             (``||H||_est``: the largest ``|theta|`` seen). ``1e-4`` suits float32 operators;
             below ~1e-6 a float32 run may stall at rounding level (use float64).
         block_size: ``b``; default :func:`default_block_size`: ``min(k, 16)`` on GPUs; on
-            CPUs 1 up to ``k = 16`` (fewest products), then 8, then 16. A ``b``-wide Krylov
-            space holds at most ``b`` copies of a multiple eigenvalue: pick at least the
-            multiplicity of any repeated eigenvalue among the wanted ones.
+            CPUs 1 up to ``k = 16`` (fewest products), then 4 up to ``k = 64``, then 16. A
+            ``b``-wide Krylov space holds at most ``b`` copies of a multiple eigenvalue: pick
+            at least the multiplicity of any repeated eigenvalue among the wanted ones.
         max_matvecs: cap on operator applications, every column of a block product counted
             (with ``store_products=False`` the ``k`` of the final residual product included).
             Default: enough for the first cycle and 50 restarts. Pairs not converged when it

@@ -477,14 +477,14 @@ def test_progress_bar_runs(problem, capsys):
 
 
 def test_defaults():
-    # CPU: single vectors up to k = 16, then blocks of 8 and 16.
+    # CPU: single vectors up to k = 16, then blocks of 4 and 16.
     assert [bl_module.default_block_size(k) for k in (1, 10, 16, 17, 32, 64, 65)] == [
         1,
         1,
         1,
-        8,
-        8,
-        8,
+        4,
+        4,
+        4,
         16,
     ]
     # GPU: min(k, 16).
