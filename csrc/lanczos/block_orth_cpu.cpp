@@ -7,9 +7,10 @@
 //   (csrc/lanczos/tsmm_cpu.cpp), reading the basis through its row stride. The Lanczos basis
 //   is a column slice of a wider row-major buffer; the Python path first copied such a view
 //   (83 of 145 ms per step measured at n = 266,610, m = 33) or read whole rows.
-// * W -= V C and W R^{-1}: SGEMM through ATen (MKL/OpenBLAS), the fp64 coefficients rounded
-//   to the working dtype once; an O(u) relative change of the small factors, removed by the
-//   second pass like the rest of the first pass's error.
+// * W -= V C: a row-streaming loop (subtract_combination below; MKL's SGEMM reached a fraction
+//   of the bandwidth on this shape), the fp64 coefficients rounded to the working dtype once;
+//   an O(u) relative change of the small factors, removed by the second pass like the rest of
+//   the first pass's error. W R^{-1} (b x b): SGEMM through ATen.
 // * The b x b work (norms, Cholesky, inverses, rank and DGKS tests, C and B): serial fp64
 //   loops from block_orth_factor.h, shared with the CUDA kernel. For b <= 64 it costs a few
 //   microseconds, against the milliseconds of the tall passes.
@@ -24,7 +25,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
@@ -38,7 +38,6 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 namespace imc_kernels {
@@ -100,14 +99,121 @@ void invert_upper(const double* factor, int64_t b, double* inverse, at::Tensor& 
   }
 }
 
-// `coefficients` as the right operand of W -= V C in the working dtype.
-template <typename scalar_t>
-at::Tensor gemm_operand(const at::Tensor& coefficients) {
-  if constexpr (std::is_same_v<scalar_t, double>) {
-    return coefficients;
-  } else {
-    return coefficients.to(at::kFloat);
+// W -= V C, streamed row by row. MKL's SGEMM runs this tall-skinny shape (V: n x filled with
+// filled <= ~500, C: filled x b with b <= 64) at a fraction of the memory bandwidth: at
+// n = 266,610, filled = 124, b = 4, one thread, 27-37 ms against 5-11 ms for one read of V
+// (the update is memory-bound: filled * b flops per filled values read). Here each row of V is
+// read once and dotted with the b columns of C (kept transposed, rounded to the working dtype
+// once, as the GEMM did), four columns at a time in vector registers. Fixed order, so the
+// result is bitwise the same for any thread count.
+#if defined(__GNUC__)
+typedef float Vec8f __attribute__((vector_size(32)));
+typedef double Vec4d __attribute__((vector_size(32)));
+
+// Columns of C handled together: four accumulators, the row's vector loaded once for them.
+constexpr int64_t kCombineColumns = 4;
+
+template <typename scalar_t, typename vec_t>
+inline __attribute__((always_inline)) scalar_t lane_sum(const vec_t& v) {
+  constexpr int64_t lanes = sizeof(vec_t) / sizeof(scalar_t);
+  // Pairwise in a fixed order: the same bits on every call.
+  scalar_t half[lanes];
+  __builtin_memcpy(half, &v, sizeof(vec_t));
+  for (int64_t width = lanes / 2; width >= 1; width /= 2) {
+    for (int64_t l = 0; l < width; ++l) {
+      half[l] += half[l + width];
+    }
   }
+  return half[0];
+}
+
+template <typename scalar_t, typename vec_t>
+inline __attribute__((always_inline)) void subtract_combination_rows_impl(
+    const scalar_t* __restrict v, int64_t ldv, int64_t filled,
+    const scalar_t* __restrict coeffs_t, int64_t b_pad, scalar_t* __restrict w, int64_t ldw,
+    int64_t b, int64_t row_begin, int64_t row_end) {
+  constexpr int64_t lanes = sizeof(vec_t) / sizeof(scalar_t);
+  const int64_t vector_end = filled / lanes * lanes;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const scalar_t* row = v + r * ldv;
+    scalar_t* out = w + r * ldw;
+    for (int64_t j0 = 0; j0 < b_pad; j0 += kCombineColumns) {
+      const scalar_t* c0 = coeffs_t + j0 * filled;
+      vec_t acc[kCombineColumns] = {};
+      for (int64_t i = 0; i < vector_end; i += lanes) {
+        vec_t x;
+        __builtin_memcpy(&x, row + i, sizeof(vec_t));
+        for (int64_t q = 0; q < kCombineColumns; ++q) {
+          vec_t c;
+          __builtin_memcpy(&c, c0 + q * filled + i, sizeof(vec_t));
+          acc[q] += x * c;
+        }
+      }
+      for (int64_t q = 0; q < kCombineColumns && j0 + q < b; ++q) {
+        scalar_t sum = lane_sum<scalar_t, vec_t>(acc[q]);
+        for (int64_t i = vector_end; i < filled; ++i) {
+          sum += row[i] * c0[q * filled + i];
+        }
+        out[j0 + q] -= sum;
+      }
+    }
+  }
+}
+
+IMC_MULTIVERSION
+void subtract_combination_rows(const float* v, int64_t ldv, int64_t filled,
+                               const float* coeffs_t, int64_t b_pad, float* w, int64_t ldw,
+                               int64_t b, int64_t row_begin, int64_t row_end) {
+  subtract_combination_rows_impl<float, Vec8f>(v, ldv, filled, coeffs_t, b_pad, w, ldw, b,
+                                               row_begin, row_end);
+}
+
+IMC_MULTIVERSION
+void subtract_combination_rows(const double* v, int64_t ldv, int64_t filled,
+                               const double* coeffs_t, int64_t b_pad, double* w, int64_t ldw,
+                               int64_t b, int64_t row_begin, int64_t row_end) {
+  subtract_combination_rows_impl<double, Vec4d>(v, ldv, filled, coeffs_t, b_pad, w, ldw, b,
+                                                row_begin, row_end);
+}
+#else
+constexpr int64_t kCombineColumns = 4;
+
+template <typename scalar_t>
+void subtract_combination_rows(const scalar_t* v, int64_t ldv, int64_t filled,
+                               const scalar_t* coeffs_t, int64_t b_pad, scalar_t* w,
+                               int64_t ldw, int64_t b, int64_t row_begin, int64_t row_end) {
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    for (int64_t j = 0; j < b; ++j) {
+      scalar_t sum = 0;
+      for (int64_t i = 0; i < filled; ++i) {
+        sum += v[r * ldv + i] * coeffs_t[j * filled + i];
+      }
+      w[r * ldw + j] -= sum;
+    }
+  }
+}
+#endif
+
+// W (n x b, row stride ldw) -= V[:, :filled] C with C (filled x b, fp64, row stride ldc)
+// rounded to scalar_t. `coeffs_t` is caller scratch of round_up(b, 4) * filled values.
+template <typename scalar_t>
+void subtract_combination(const scalar_t* v, int64_t ldv, int64_t n, int64_t filled,
+                          const double* coefficients, int64_t ldc, scalar_t* w, int64_t ldw,
+                          int64_t b, std::vector<scalar_t>& coeffs_t) {
+  const int64_t b_pad = (b + kCombineColumns - 1) / kCombineColumns * kCombineColumns;
+  coeffs_t.assign(static_cast<size_t>(b_pad * filled), scalar_t(0));
+  for (int64_t i = 0; i < filled; ++i) {
+    for (int64_t j = 0; j < b; ++j) {
+      coeffs_t[j * filled + i] = static_cast<scalar_t>(coefficients[i * ldc + j]);
+    }
+  }
+  // Rows per task: enough that a task reads ~1 MiB of V, so scheduling costs nothing.
+  const int64_t grain = std::max<int64_t>(
+      256, (int64_t{1} << 20) / static_cast<int64_t>(sizeof(scalar_t)) / std::max<int64_t>(ldv, 1));
+  const scalar_t* coeffs_data = coeffs_t.data();
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    subtract_combination_rows(v, ldv, filled, coeffs_data, b_pad, w, ldw, b, begin, end);
+  });
 }
 
 template <typename scalar_t>
@@ -117,7 +223,6 @@ std::tuple<at::Tensor, at::Tensor> block_orth_step_impl(
     const std::optional<at::Tensor>& prior_norms_sq, double tau, bool auto_second_projection) {
   const int64_t n = block.size(0);
   const int64_t b = block.size(1);
-  const at::Tensor basis_used = basis.narrow(1, 0, filled);
   const scalar_t* v = basis.const_data_ptr<scalar_t>();
   const int64_t ldv = row_stride(basis);
   const int64_t ldw = row_stride(block);
@@ -139,6 +244,7 @@ std::tuple<at::Tensor, at::Tensor> block_orth_step_impl(
   double* diagonal1 = norms_sq + b;
   double* diagonal2 = diagonal1 + b;
   at::Tensor inverse_rounded = at::empty({b, b}, block.options());
+  std::vector<scalar_t> coeffs_rounded;  // C^T in the working dtype for W -= V C
 
   at::Tensor flags = at::empty({5}, block.options().dtype(at::kInt));
   at::Tensor norms = at::empty({2, b}, block.options().dtype(at::kDouble));
@@ -149,7 +255,8 @@ std::tuple<at::Tensor, at::Tensor> block_orth_step_impl(
   if (filled > 0) {
     tsmm_cpu::tsmm_xty_best_order(v, ldv, block.const_data_ptr<scalar_t>(), ldw, n, filled, b,
                                   c1, ldc1);
-    block.addmm_(basis_used, gemm_operand<scalar_t>(coeffs_first), 1.0, -1.0);
+    subtract_combination(v, ldv, n, filled, c1, ldc1, block.mutable_data_ptr<scalar_t>(), ldw, b,
+                         coeffs_rounded);
   }
   const scalar_t* w = block.const_data_ptr<scalar_t>();
   tsmm_cpu::tsmm_xty_best_order(w, ldw, w, ldw, n, b, b, gram1, b);
@@ -182,7 +289,8 @@ std::tuple<at::Tensor, at::Tensor> block_orth_step_impl(
   if (project_twice) {
     tsmm_cpu::tsmm_xty_best_order(v, ldv, work.const_data_ptr<scalar_t>(), ldk, n, filled, b,
                                   c, ldc);
-    work.addmm_(basis_used, gemm_operand<scalar_t>(coeffs), 1.0, -1.0);
+    subtract_combination(v, ldv, n, filled, c, ldc, work.mutable_data_ptr<scalar_t>(), ldk, b,
+                         coeffs_rounded);
   }
   const scalar_t* w2 = work.const_data_ptr<scalar_t>();
   tsmm_cpu::tsmm_xty_best_order(w2, ldk, w2, ldk, n, b, b, gram2, b);

@@ -29,17 +29,6 @@
 #include <omp.h>
 #endif
 
-// GCC function multiversioning: torch builds extensions for baseline x86-64 (SSE2, two doubles
-// per instruction, no FMA); the clones let the micro-kernel use AVX2+FMA or AVX-512 where the
-// machine has them, picked once at load time. A given machine always runs the same clone, so
-// results are reproducible there (clones may differ in the last bit through FMA contraction).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define IMC_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define IMC_MULTIVERSION
-#endif
-
 namespace imc_kernels {
 
 // Defined in csrc/imc_ops.cpp beside the schema.

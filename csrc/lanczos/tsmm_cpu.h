@@ -6,6 +6,19 @@
 
 #include <cstdint>
 
+// GCC function multiversioning: torch builds extensions for baseline x86-64 (SSE2, two doubles
+// per instruction, no FMA); the clones let a CPU loop use AVX2+FMA or AVX-512 where the machine
+// has them, picked once at load time. A given machine always runs the same clone, so results
+// are reproducible there (clones may differ in the last bit through FMA contraction). Only the
+// marked function is cloned: code it reaches through a call that is not inlined (a lambda run
+// by at::parallel_for included) is built for the baseline.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define IMC_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define IMC_MULTIVERSION
+#endif
+
 namespace imc_kernels::tsmm_cpu {
 
 // out = x^T y for x (n, m) and y (n, b), every product accumulated in fp64, bitwise
