@@ -63,7 +63,12 @@ class ParamLayout:
         """Per parameter ``(b, *shape)`` tensors -> ``(dim, b)`` contiguous."""
         out = torch.empty(self.dim, b, dtype=self.dtype, device=self.device)
         for off, n, piece in zip(self.offsets, self.numels, pieces):
-            out[off : off + n].copy_(piece.reshape(b, n).T)
+            if b == 1:
+                # As 1-D: the (n, 1) view with stride (1, n) keeps TensorIterator off its
+                # vectorized path (0.78 against 0.012 ms for a 235,200-weight layer on CPU).
+                out[off : off + n, 0].copy_(piece.reshape(n))
+            else:
+                out[off : off + n].copy_(piece.reshape(b, n).T)
         return out
 
     def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -201,8 +206,10 @@ def check_finite_loss(loss: torch.Tensor) -> None:
 
 
 def check_finite_product(product: torch.Tensor, engine: str) -> None:
-    # One pass: inf and NaN survive a sum, and fp64 cannot overflow on fp32 inputs.
-    if not bool(torch.isfinite(product.sum(dtype=torch.float64))):
+    # One pass, no overflow of its own: min and max propagate NaN and show inf. (A float64
+    # sum, the earlier test, also upcast the block: 1.18 against 0.16 ms at 266,610 x 8 on CPU.)
+    smallest, largest = torch.aminmax(product)
+    if not bool(torch.isfinite(smallest) & torch.isfinite(largest)):
         raise FloatingPointError(
             f"the Hessian-vector product ({engine} engine) is not finite; check the input "
             "vectors and the model's parameters for inf/NaN or overflow"
