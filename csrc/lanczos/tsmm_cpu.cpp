@@ -222,11 +222,103 @@ void tsmm_xty_kernel(const scalar_t* x, int64_t ldx, const scalar_t* y, int64_t 
   });
 }
 
+// x^T y for a single column y (b = 1), the Gram of one column included (m = 1). The general
+// kernel pads b to 4 and converts x through an fp64 tile: at n = 266,610, m = 20, one thread,
+// 4.7 ms for V^T w and 1.7 ms for w^T w, where reading V takes 0.3 ms. Here each row of x is
+// converted in registers and multiplied by the broadcast y[r], 16 columns at a time (four
+// 4-wide fp64 accumulators), the remaining columns in scalar fp64. Same row chunks and
+// partials as the general kernel, so the result is bitwise the same for any thread count.
+constexpr int64_t kNarrowGroup = 16;
+
+// Rows of x per tile: the column groups each reread the tile, so it should stay in L2
+// (128 KiB of x rows). At m = 70 a 4,096-row chunk (1.1 MiB) made the five passes read memory.
+constexpr int64_t kNarrowTileBytes = int64_t{128} << 10;
+
+template <typename scalar_t>
+inline __attribute__((always_inline)) void narrow_chunk_impl(
+    const scalar_t* __restrict x, int64_t ldx, const scalar_t* __restrict y, int64_t ldy,
+    int64_t row_begin, int64_t row_end, int64_t m, double* __restrict partial) {
+  const int64_t grouped = m / kNarrowGroup * kNarrowGroup;
+  const int64_t tile_rows = std::clamp<int64_t>(
+      kNarrowTileBytes / (static_cast<int64_t>(sizeof(scalar_t)) * std::max<int64_t>(ldx, 1)), 64,
+      kMinChunkRows);
+  for (int64_t tile = row_begin; tile < row_end; tile += tile_rows) {
+    const int64_t tile_end = std::min(row_end, tile + tile_rows);
+    for (int64_t i0 = 0; i0 < m; i0 += kNarrowGroup) {
+      // Full groups have a constant width, so the compiler unrolls them into vector FMAs.
+      const int64_t width = i0 < grouped ? kNarrowGroup : m - grouped;
+      double acc[kNarrowGroup] = {};
+      if (width == kNarrowGroup) {
+        for (int64_t r = tile; r < tile_end; ++r) {
+          const double y_value = static_cast<double>(y[r * ldy]);
+          const scalar_t* x_row = x + r * ldx + i0;
+          for (int64_t c = 0; c < kNarrowGroup; ++c) {
+            acc[c] += static_cast<double>(x_row[c]) * y_value;
+          }
+        }
+      } else {
+        for (int64_t r = tile; r < tile_end; ++r) {
+          const double y_value = static_cast<double>(y[r * ldy]);
+          const scalar_t* x_row = x + r * ldx + i0;
+          for (int64_t c = 0; c < width; ++c) {
+            acc[c] += static_cast<double>(x_row[c]) * y_value;
+          }
+        }
+      }
+      for (int64_t c = 0; c < width; ++c) {
+        partial[i0 + c] += acc[c];
+      }
+    }
+  }
+}
+
+IMC_MULTIVERSION
+void narrow_chunk(const float* x, int64_t ldx, const float* y, int64_t ldy, int64_t row_begin,
+                  int64_t row_end, int64_t m, double* partial) {
+  narrow_chunk_impl(x, ldx, y, ldy, row_begin, row_end, m, partial);
+}
+
+IMC_MULTIVERSION
+void narrow_chunk(const double* x, int64_t ldx, const double* y, int64_t ldy, int64_t row_begin,
+                  int64_t row_end, int64_t m, double* partial) {
+  narrow_chunk_impl(x, ldx, y, ldy, row_begin, row_end, m, partial);
+}
+
+// out[i * out_stride] = sum_r x[r, i] y[r] for i < m, in fp64; n > 0.
+template <typename scalar_t>
+void tsmm_narrow_kernel(const scalar_t* x, int64_t ldx, const scalar_t* y, int64_t ldy,
+                        int64_t n, int64_t m, double* out, int64_t out_stride) {
+  const int64_t chunk_rows = std::max(kMinChunkRows, (n + kMaxChunks - 1) / kMaxChunks);
+  const int64_t n_chunks = (n + chunk_rows - 1) / chunk_rows;
+  std::vector<double> partials(static_cast<size_t>(n_chunks * m), 0.0);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      narrow_chunk(x, ldx, y, ldy, chunk * chunk_rows, std::min(n, (chunk + 1) * chunk_rows), m,
+                   partials.data() + chunk * m);
+    }
+  });
+  for (int64_t i = 0; i < m; ++i) {
+    double sum = 0.0;
+    for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+      sum += partials[chunk * m + i];
+    }
+    out[i * out_stride] = sum;
+  }
+}
+
 template <typename scalar_t>
 void tsmm_xty_best_order(const scalar_t* x, int64_t ldx, const scalar_t* y, int64_t ldy,
                          int64_t n, int64_t m, int64_t b, double* out, int64_t ldo) {
   // Work of the register blocks either way round; the transposed order writes (y^T x)^T
   // straight into `out` through the output strides.
+  if (n > 0 && b == 1) {
+    tsmm_narrow_kernel(x, ldx, y, ldy, n, m, out, ldo);
+    return;
+  }
+  if (n > 0 && m == 1) {
+    tsmm_narrow_kernel(y, ldy, x, ldx, n, b, out, 1);
+    return;
+  }
   const int64_t direct = round_up(m, kMR) * round_up(b, kNR);
   const int64_t swapped = round_up(b, kMR) * round_up(m, kNR);
   if (swapped < direct) {
@@ -259,9 +351,9 @@ at::Tensor tsmm_xty_cpu(const at::Tensor& x, const at::Tensor& y) {
   const at::Tensor y_contiguous = y.contiguous();
   at::Tensor out = at::empty({m, b}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "imc_kernels::tsmm_xty (CPU)", [&] {
-    tsmm_cpu::tsmm_xty_kernel<scalar_t>(x_contiguous.const_data_ptr<scalar_t>(), m,
-                                        y_contiguous.const_data_ptr<scalar_t>(), b, n, m, b,
-                                        out.mutable_data_ptr<double>(), b, 1);
+    tsmm_cpu::tsmm_xty_best_order<scalar_t>(x_contiguous.const_data_ptr<scalar_t>(), m,
+                                            y_contiguous.const_data_ptr<scalar_t>(), b, n, m, b,
+                                            out.mutable_data_ptr<double>(), b);
   });
   return out;
 }

@@ -34,6 +34,7 @@ SHAPES = [
     (100003, 16, 3),
     (100003, 128, 16),
     (100003, 33, 1),
+    (100003, 70, 1),
 ]
 DTYPES = [torch.float32, torch.float64]
 
@@ -116,8 +117,10 @@ def test_same_inputs_same_bits(n, m, b, device):
 
 
 @needs_extension
-def test_bits_do_not_depend_on_thread_count():
-    x, y = _inputs(100003, 64, 8, torch.float32, seed=4)
+# (70, 1) and (1, 70): the narrow single-column kernel, one full column group plus a tail.
+@pytest.mark.parametrize("m,b", [(64, 8), (70, 1), (1, 70)])
+def test_bits_do_not_depend_on_thread_count(m, b):
+    x, y = _inputs(100003, m, b, torch.float32, seed=4)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
