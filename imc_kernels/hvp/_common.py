@@ -63,12 +63,10 @@ class ParamLayout:
         """Per parameter ``(b, *shape)`` tensors -> ``(dim, b)`` contiguous."""
         out = torch.empty(self.dim, b, dtype=self.dtype, device=self.device)
         for off, n, piece in zip(self.offsets, self.numels, pieces):
-            if b == 1:
-                # As 1-D: the (n, 1) view with stride (1, n) keeps TensorIterator off its
-                # vectorized path (0.78 against 0.012 ms for a 235,200-weight layer on CPU).
-                out[off : off + n, 0].copy_(piece.reshape(n))
-            else:
-                out[off : off + n].copy_(piece.reshape(b, n).T)
+            # Written through the transposed destination, read contiguously: the other way
+            # round (a (n, b) source view with stride (1, n)) takes TensorIterator's slow path
+            # on CPU, 0.78 / 1.82 ms against 0.013 / 0.41 ms at b = 1 / 8 for 235,200 weights.
+            out[off : off + n].T.copy_(piece.reshape(b, n))
         return out
 
     def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
