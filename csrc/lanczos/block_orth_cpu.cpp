@@ -106,12 +106,13 @@ void invert_upper(const double* factor, int64_t b, double* inverse, at::Tensor& 
 // read once and dotted with the b columns of C (kept transposed, rounded to the working dtype
 // once, as the GEMM did), four columns at a time in vector registers. Fixed order, so the
 // result is bitwise the same for any thread count.
-#if defined(__GNUC__)
-typedef float Vec8f __attribute__((vector_size(32)));
-typedef double Vec4d __attribute__((vector_size(32)));
 
 // Columns of C handled together: four accumulators, the row's vector loaded once for them.
 constexpr int64_t kCombineColumns = 4;
+
+#if defined(__GNUC__)
+typedef float Vec8f __attribute__((vector_size(32)));
+typedef double Vec4d __attribute__((vector_size(32)));
 
 template <typename scalar_t, typename vec_t>
 inline __attribute__((always_inline)) scalar_t lane_sum(const vec_t& v) {
@@ -176,8 +177,6 @@ void subtract_combination_rows(const double* v, int64_t ldv, int64_t filled,
                                                 row_begin, row_end);
 }
 #else
-constexpr int64_t kCombineColumns = 4;
-
 template <typename scalar_t>
 void subtract_combination_rows(const scalar_t* v, int64_t ldv, int64_t filled,
                                const scalar_t* coeffs_t, int64_t b_pad, scalar_t* w,

@@ -226,44 +226,48 @@ void tsmm_xty_kernel(const scalar_t* x, int64_t ldx, const scalar_t* y, int64_t 
 // kernel pads b to 4 and converts x through an fp64 tile: at n = 266,610, m = 20, one thread,
 // 4.7 ms for V^T w and 1.7 ms for w^T w, where reading V takes 0.3 ms. Here each row of x is
 // converted in registers and multiplied by the broadcast y[r], 16 columns at a time (four
-// 4-wide fp64 accumulators), the remaining columns in scalar fp64. Same row chunks and
-// partials as the general kernel, so the result is bitwise the same for any thread count.
+// 4-wide fp64 accumulators), the remaining columns in scalar fp64. Row chunks fixed by the
+// shape and partials summed in chunk order, as in the general kernel, so the result is bitwise
+// the same for any thread count.
 constexpr int64_t kNarrowGroup = 16;
 
 // Rows of x per tile: the column groups each reread the tile, so it should stay in L2
 // (128 KiB of x rows). At m = 70 a 4,096-row chunk (1.1 MiB) made the five passes read memory.
 constexpr int64_t kNarrowTileBytes = int64_t{128} << 10;
 
+// acc[c] = sum over rows [row_begin, row_end) of x[r, i0 + c] y[r], c < width. With
+// kFullGroup the width is the constant kNarrowGroup, so the compiler unrolls the column loop
+// into vector FMAs.
+template <typename scalar_t, bool kFullGroup>
+inline __attribute__((always_inline)) void narrow_group(
+    const scalar_t* __restrict x, int64_t ldx, const scalar_t* __restrict y, int64_t ldy,
+    int64_t row_begin, int64_t row_end, int64_t i0, int64_t width, double* __restrict acc) {
+  const int64_t columns = kFullGroup ? kNarrowGroup : width;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const double y_value = static_cast<double>(y[r * ldy]);
+    const scalar_t* x_row = x + r * ldx + i0;
+    for (int64_t c = 0; c < columns; ++c) {
+      acc[c] += static_cast<double>(x_row[c]) * y_value;
+    }
+  }
+}
+
 template <typename scalar_t>
 inline __attribute__((always_inline)) void narrow_chunk_impl(
     const scalar_t* __restrict x, int64_t ldx, const scalar_t* __restrict y, int64_t ldy,
     int64_t row_begin, int64_t row_end, int64_t m, double* __restrict partial) {
-  const int64_t grouped = m / kNarrowGroup * kNarrowGroup;
   const int64_t tile_rows = std::clamp<int64_t>(
       kNarrowTileBytes / (static_cast<int64_t>(sizeof(scalar_t)) * std::max<int64_t>(ldx, 1)), 64,
       kMinChunkRows);
   for (int64_t tile = row_begin; tile < row_end; tile += tile_rows) {
     const int64_t tile_end = std::min(row_end, tile + tile_rows);
     for (int64_t i0 = 0; i0 < m; i0 += kNarrowGroup) {
-      // Full groups have a constant width, so the compiler unrolls them into vector FMAs.
-      const int64_t width = i0 < grouped ? kNarrowGroup : m - grouped;
+      const int64_t width = std::min(kNarrowGroup, m - i0);
       double acc[kNarrowGroup] = {};
       if (width == kNarrowGroup) {
-        for (int64_t r = tile; r < tile_end; ++r) {
-          const double y_value = static_cast<double>(y[r * ldy]);
-          const scalar_t* x_row = x + r * ldx + i0;
-          for (int64_t c = 0; c < kNarrowGroup; ++c) {
-            acc[c] += static_cast<double>(x_row[c]) * y_value;
-          }
-        }
+        narrow_group<scalar_t, true>(x, ldx, y, ldy, tile, tile_end, i0, width, acc);
       } else {
-        for (int64_t r = tile; r < tile_end; ++r) {
-          const double y_value = static_cast<double>(y[r * ldy]);
-          const scalar_t* x_row = x + r * ldx + i0;
-          for (int64_t c = 0; c < width; ++c) {
-            acc[c] += static_cast<double>(x_row[c]) * y_value;
-          }
-        }
+        narrow_group<scalar_t, false>(x, ldx, y, ldy, tile, tile_end, i0, width, acc);
       }
       for (int64_t c = 0; c < width; ++c) {
         partial[i0 + c] += acc[c];

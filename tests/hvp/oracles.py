@@ -21,8 +21,9 @@ it is not importable by name); tests reach it through the ``oracles`` fixture.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +135,21 @@ def cast(model: nn.Module, batch, dtype: torch.dtype, device="cpu"):
     if targets.dtype.is_floating_point:
         targets = targets.to(dtype)
     return model.to(device=device, dtype=dtype), (inputs.to(device, dtype), targets.to(device))
+
+
+@contextlib.contextmanager
+def poisoned_empty() -> Iterator[None]:
+    """``torch.empty`` filled with NaN while inside (deterministic mode), so a product that
+    reads an element it never wrote comes out non-finite. Restores the previous settings."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def random_block(dim: int, b: int, dtype=torch.float32, seed: int = 0, device="cpu"):

@@ -108,15 +108,8 @@ def test_uninitialised_memory_is_never_read(oracles, engine):
     op = _operator(oracles, "conv_groups2_nobias_maxpool_overlap", engine)
     block = oracles.random_block(op.dim, 3, seed=13)
     expected = op @ block
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
+    with oracles.poisoned_empty():
         poisoned = _operator(oracles, "conv_groups2_nobias_maxpool_overlap", engine) @ block
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
     assert torch.isfinite(poisoned).all()
     assert oracles.rel_err(poisoned, expected) <= 1e-6
 
