@@ -150,7 +150,7 @@ class Conv2dRule(LayerRule):
             return [slice(None)]
         return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
-    def _output(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    def _output(self, role: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A kept buffer for ``role`` viewed as ``shape``; grows, never shrinks.
 
         Fresh large tensors are what made the whole-batch path slow on the CPU (page faults on
@@ -162,12 +162,23 @@ class Conv2dRule(LayerRule):
         if (
             buffer is None
             or buffer.numel() < numel
-            or buffer.dtype != like.dtype
-            or buffer.device != like.device
+            or buffer.dtype != self.x.dtype
+            or buffer.device != self.x.device
         ):
-            buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
+            buffer = torch.empty(numel, dtype=self.x.dtype, device=self.x.device)
             self.workspace[role] = buffer
         return buffer[:numel].view(shape)
+
+    def _over_chunks(self, role: str, shape: tuple[int, ...], chunks: list[slice], terms):
+        """``terms(s)`` for each sample slice ``s``, gathered along the batch: the one call's
+        own result for a single chunk, else the kept buffer for ``role`` filled chunk by
+        chunk."""
+        if len(chunks) == 1:
+            return terms(chunks[0])
+        out = self._output(role, shape)
+        for s in chunks:
+            out[s] = terms(s)
+        return out
 
     # ------------------------------------------------------------------ tangent passes
 
@@ -178,15 +189,15 @@ class Conv2dRule(LayerRule):
         if rx is None and d_weight is None and d_bias is None:
             return None
         b = rx.shape[1] if rx is not None else next(t for t in dparams if t is not None).shape[0]
-        chunks = self._sample_chunks(b)
-        if len(chunks) == 1:
-            return self._forward_terms(self.x, rx, d_weight, d_bias, b)
         n, co, ho, wo = self.y_shape
-        ry = self._output("ry", (n, b, co, ho, wo), self.x)
-        for s in chunks:
-            part = None if rx is None else rx[s]
-            ry[s] = self._forward_terms(self.x[s], part, d_weight, d_bias, b)
-        return ry
+        return self._over_chunks(
+            "ry",
+            (n, b, co, ho, wo),
+            self._sample_chunks(b),
+            lambda s: self._forward_terms(
+                self.x[s], None if rx is None else rx[s], d_weight, d_bias, b
+            ),
+        )
 
     def _forward_terms(self, x, rx, d_weight, d_bias, b):
         """``conv(x, dW_i) + conv(rx_i, W) + dc_i`` for samples ``x`` (n, Ci, H, W)."""
@@ -224,12 +235,12 @@ class Conv2dRule(LayerRule):
             hv_bias = rg_y.sum(dim=(0, 3, 4))
         rg_x = None
         if need_input_grad:
-            if len(chunks) == 1:
-                rg_x = self._input_terms(chunks[0], rg_y, b)
-            else:
-                rg_x = self._output("rg_x", (n, b, *self.x.shape[1:]), rg_y)
-                for s in chunks:
-                    rg_x[s] = self._input_terms(s, rg_y[s], b)
+            rg_x = self._over_chunks(
+                "rg_x",
+                (n, b, *self.x.shape[1:]),
+                chunks,
+                lambda s: self._input_terms(s, rg_y[s], b),
+            )
         hv = [hv_weight] + ([hv_bias] if self.module.bias is not None else [])
         return rg_x, hv
 
