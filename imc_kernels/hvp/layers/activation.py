@@ -12,6 +12,7 @@ Triton on GPU, the pure-PyTorch twin on CPU.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from imc_kernels import _dispatch, ops
@@ -79,7 +80,7 @@ class ActivationRule(LayerRule):
         if rx is None:
             return None
         if self.derivatives is not None:
-            return rx * self.derivatives[0]
+            return torch.mul(rx, self.derivatives[0], out=self.kept("ra", rx.shape, rx))
         _, ra = ops.activation_jvp(
             self.z,
             _block_first(rx),
@@ -94,7 +95,7 @@ class ActivationRule(LayerRule):
             return None, []
         if self.derivatives is not None:
             d1, d2 = self.derivatives
-            rg_z = rg_y * d1
+            rg_z = torch.mul(rg_y, d1, out=self.kept("rg_z", rg_y.shape, rg_y))
             if d2 is not None and self.rz is not None:
                 rg_z += self.rz * (d2 * self.g_a.unsqueeze(1))
             return rg_z, []

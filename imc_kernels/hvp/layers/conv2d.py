@@ -48,7 +48,6 @@ against 90 ms on one thread). Quiet multi-core machines are not measured yet;
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -117,10 +116,6 @@ class Conv2dRule(LayerRule):
             dilation=module.dilation,
             groups=module.groups,
         )
-        # Flat output buffers of the chunked path, by role ("ry", "rg_x"), reused by every
-        # product. Safe to overwrite on the next product: every consumer reads a tangent
-        # within the product that made it, and the products (Hv) themselves are fresh.
-        self.workspace: dict[str, torch.Tensor] = {}
 
     def _conv(self, x, weight, bias=None):
         return F.conv2d(x, weight, bias, **self.conv_args)
@@ -150,32 +145,13 @@ class Conv2dRule(LayerRule):
             return [slice(None)]
         return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
-    def _output(self, role: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """A kept buffer for ``role`` viewed as ``shape``; grows, never shrinks.
-
-        Fresh large tensors are what made the whole-batch path slow on the CPU (page faults on
-        every product), so a block of a new size reuses the front of a larger buffer instead
-        of allocating; a solver alternating block sizes pays for the largest one once.
-        """
-        numel = math.prod(shape)
-        buffer = self.workspace.get(role)
-        if (
-            buffer is None
-            or buffer.numel() < numel
-            or buffer.dtype != self.x.dtype
-            or buffer.device != self.x.device
-        ):
-            buffer = torch.empty(numel, dtype=self.x.dtype, device=self.x.device)
-            self.workspace[role] = buffer
-        return buffer[:numel].view(shape)
-
     def _over_chunks(self, role: str, shape: tuple[int, ...], chunks: list[slice], terms):
         """``terms(s)`` for each sample slice ``s``, gathered along the batch: the one call's
         own result for a single chunk, else the kept buffer for ``role`` filled chunk by
         chunk."""
         if len(chunks) == 1:
             return terms(chunks[0])
-        out = self._output(role, shape)
+        out = self.kept(role, shape, self.x)
         for s in chunks:
             out[s] = terms(s)
         return out

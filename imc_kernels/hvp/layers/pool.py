@@ -41,24 +41,38 @@ class MaxPool2dRule(LayerRule):
         n, *rest = self.indices.shape
         return self.indices.unsqueeze(1).expand(n, b, *rest)
 
-    def _gather(self, t):
+    def _gather(self, t, out):
         n, b = t.shape[:2]
-        return t.flatten(-2).gather(-1, self._index(b)).view(n, b, *self.y_shape[1:])
+        index = self._index(b)
+        torch.gather(t.flatten(-2), -1, index, out=out.view(index.shape))
+        return out
 
-    def _scatter(self, t):
+    def _scatter(self, t, out):
         n, b = t.shape[:2]
         plane = self.x_shape[-2] * self.x_shape[-1]
-        out = t.new_zeros(n, b, *self.x_shape[1:-2], plane)
-        return out.scatter_add_(-1, self._index(b), t.flatten(-2)).view(n, b, *self.x_shape[1:])
+        flat = out.view(n, b, *self.x_shape[1:-2], plane).zero_()
+        flat.scatter_add_(-1, self._index(b), t.flatten(-2))
+        return out
 
     def primal_backward(self, g_y, need_input_grad):
-        return self._scatter(g_y.unsqueeze(1))[:, 0] if need_input_grad else None
+        if not need_input_grad:
+            return None
+        g_x = g_y.new_empty(self.x_shape)
+        return self._scatter(g_y.unsqueeze(1), g_x.unsqueeze(1))[:, 0]
 
+    # The tangents go to kept buffers (LayerRule.kept): the scatter's zeroed output is the
+    # largest tangent of a CNN product (the pre-pool resolution, b vectors).
     def tangent_forward(self, rx, dparams):
-        return None if rx is None else self._gather(rx)
+        if rx is None:
+            return None
+        n, b = rx.shape[:2]
+        return self._gather(rx, self.kept("ry", (n, b, *self.y_shape[1:]), rx))
 
     def tangent_backward(self, rg_y, need_input_grad):
-        return (self._scatter(rg_y) if need_input_grad else None), []
+        if not need_input_grad:
+            return None, []
+        n, b = rg_y.shape[:2]
+        return self._scatter(rg_y, self.kept("rg_x", (n, b, *self.x_shape[1:]), rg_y)), []
 
 
 class AvgPool2dRule(LayerRule):

@@ -1,0 +1,79 @@
+"""The fused rules' kept tangent buffers (``LayerRule.kept``) on the CPU.
+
+Activation-sized tangents (pool gathers and scatters, activation products, chunked conv
+outputs) are written into buffers a rule keeps from one product to the next. What that must
+not change: the products (against the dense fp64 Hessian), products already handed out (no
+aliasing of a kept buffer), and products of alternating block sizes (a smaller block takes
+the front of a larger buffer). And what it is for: a second product of the same block size
+allocates no new activation-sized buffer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from imc_kernels import HessianOperator
+from imc_kernels._dispatch import ENV_BACKEND
+
+# Max pooling with disjoint and with overlapping windows, a padded overlapping pool, and a
+# GELU MLP (the activation's second-derivative term reads the kept forward tangent).
+CASES = ("conv_relu_maxpool_twice", "conv_sigmoid_maxpool_pad_overlap", "mlp_gelu")
+
+
+def _kept_buffers(op: HessianOperator) -> dict[tuple[int, str], torch.Tensor]:
+    return {
+        (i, role): buffer
+        for i, rule in enumerate(op._engine.rules)
+        for role, buffer in rule.workspace.items()
+    }
+
+
+@pytest.mark.parametrize("backend", ["default", "reference"])
+@pytest.mark.parametrize("case_name", CASES)
+def test_alternating_block_sizes_match_the_dense_hessian(oracles, case_name, backend, monkeypatch):
+    if backend == "reference":
+        monkeypatch.setenv(ENV_BACKEND, backend)
+    else:
+        monkeypatch.delenv(ENV_BACKEND, raising=False)
+    model, loss_fn, batch = oracles.build_case(case_name)
+    model64, batch64 = oracles.cast(model, batch, torch.float64)
+    hessian = oracles.dense("hessian", model64, loss_fn, batch64)
+    op = HessianOperator(model64, loss_fn, batch64, engine="fused")
+    handed_out = []
+    for b, seed in ((4, 1), (1, 2), (3, 3), (4, 4)):
+        block = oracles.random_block(op.dim, b, dtype=torch.float64, seed=seed)
+        product = op.matmat(block)
+        assert oracles.rel_err(product, hessian @ block) <= 1e-10, (b, seed)
+        handed_out.append((product, product.clone(), hessian @ block))
+    # Later products wrote the kept buffers again; the products already returned are intact.
+    for product, copy, _ in handed_out:
+        assert torch.equal(product, copy)
+
+
+def test_a_second_product_reuses_the_kept_buffers(oracles, monkeypatch):
+    # The pure-PyTorch twins (the CPU path outside the tests' Triton interpreter) are the
+    # activation passes that write kept buffers; the Triton kernels allocate their outputs.
+    monkeypatch.setenv(ENV_BACKEND, "reference")
+    model, loss_fn, batch = oracles.build_case("conv_relu_maxpool_twice")
+    op = HessianOperator(model, loss_fn, batch, engine="fused")
+    op.matmat(oracles.random_block(op.dim, 3, seed=1))
+    first = {key: buf.data_ptr() for key, buf in _kept_buffers(op).items()}
+    # Both pools' gather and scatter and both activations keep their tangents.
+    roles = {role for _, role in first}
+    assert {"ry", "rg_x", "ra", "rg_z"} <= roles, roles
+    op.matmat(oracles.random_block(op.dim, 3, seed=2))
+    op.matmat(oracles.random_block(op.dim, 2, seed=3))  # smaller: the front of each buffer
+    assert {key: buf.data_ptr() for key, buf in _kept_buffers(op).items()} == first
+
+
+def test_a_larger_block_grows_the_buffers(oracles, monkeypatch):
+    monkeypatch.setenv(ENV_BACKEND, "reference")
+    model, loss_fn, batch = oracles.build_case("conv_relu_maxpool_twice")
+    op = HessianOperator(model, loss_fn, batch, engine="fused")
+    op.matmat(oracles.random_block(op.dim, 1, seed=1))
+    small = {key: buf.numel() for key, buf in _kept_buffers(op).items()}
+    op.matmat(oracles.random_block(op.dim, 5, seed=2))
+    large = {key: buf.numel() for key, buf in _kept_buffers(op).items()}
+    assert small.keys() == large.keys()
+    assert all(large[key] == 5 * small[key] for key in small), (small, large)
