@@ -21,7 +21,7 @@ from torch import nn
 
 from imc_kernels.hvp._common import ParamLayout, check_targets
 from imc_kernels.hvp.layers.activation import ActivationRule, activation_kind
-from imc_kernels.hvp.layers.base import LayerRule, unsupported
+from imc_kernels.hvp.layers.base import LayerRule, Workspace, unsupported
 from imc_kernels.hvp.layers.batchnorm import BatchNormRule, batchnorm_unsupported_reason
 from imc_kernels.hvp.layers.conv2d import Conv2dRule, conv2d_unsupported_reason
 from imc_kernels.hvp.layers.flatten import FlattenRule
@@ -125,6 +125,10 @@ def _make_rule(module: nn.Module, curvature: str) -> LayerRule:
     return _SIMPLE_RULES[type(module)](module, curvature)
 
 
+# The two workspace buffers that the rules' backward outputs alternate between.
+_BACKWARD = (("backward", 0), ("backward", 1))
+
+
 class FusedEngine:
     """Hessian or GGN products by per-layer R-op rules on a cached primal."""
 
@@ -142,6 +146,10 @@ class FusedEngine:
         self.layout = layout
         leaves = commute_activation_maxpool(leaf_modules(model))
         self.rules = [_make_rule(m, curvature) for m in leaves]
+        # One budget for the kept tangent buffers of every rule (CPU; see Workspace).
+        self.workspace = Workspace()
+        for rule in self.rules:
+            rule.workspace = self.workspace
         slot = {id(p): i for i, p in enumerate(layout.params)}
         # For each rule, the flat-layout slot of each of its parameters (None: frozen).
         self.param_slots = [
@@ -176,6 +184,8 @@ class FusedEngine:
             rg = self.loss_rule.tangent(r)
             products: list[torch.Tensor | None] = [None] * len(tangents)
             for i in range(len(self.rules) - 1, self.first - 1, -1):
+                # Each backward output goes to the shared buffer its input is not in.
+                self.rules[i].backward_key = _BACKWARD[self.workspace.holds(_BACKWARD[0], rg)]
                 rg, hv = self.rules[i].tangent_backward(rg, i > self.first)
                 for s, piece in zip(self.param_slots[i], hv):
                     if s is None or piece is None:

@@ -15,17 +15,27 @@ import torch
 
 from imc_kernels import HessianOperator
 from imc_kernels._dispatch import ENV_BACKEND
+from imc_kernels.hvp.layers.base import ENV_WORKSPACE_BYTES, Workspace
 
 # Max pooling with disjoint and with overlapping windows, a padded overlapping pool, and a
 # GELU MLP (the activation's second-derivative term reads the kept forward tangent).
-CASES = ("conv_relu_maxpool_twice", "conv_sigmoid_maxpool_pad_overlap", "mlp_gelu")
+CASES = (
+    "conv_relu_maxpool_twice",
+    "conv_sigmoid_maxpool_pad_overlap",
+    "mlp_gelu",
+    "conv_bn2d_affine_adaptive",
+    "bn1d_affine",
+)
 
 
-def _kept_buffers(op: HessianOperator) -> dict[tuple[int, str], torch.Tensor]:
+def _kept_buffers(op: HessianOperator) -> dict[tuple, torch.Tensor]:
+    """The operator's kept buffers: by (rule index, role), and the two shared backward ones
+    by ("backward", 0 or 1)."""
+    index = {id(rule): i for i, rule in enumerate(op._engine.rules)}
+    assert all(rule.workspace is op._engine.workspace for rule in op._engine.rules)
     return {
-        (i, role): buffer
-        for i, rule in enumerate(op._engine.rules)
-        for role, buffer in rule.workspace.items()
+        (index.get(owner, owner), role): buf
+        for (owner, role), buf in op._engine.workspace.buffers.items()
     }
 
 
@@ -59,9 +69,12 @@ def test_a_second_product_reuses_the_kept_buffers(oracles, monkeypatch):
     op = HessianOperator(model, loss_fn, batch, engine="fused")
     op.matmat(oracles.random_block(op.dim, 3, seed=1))
     first = {key: buf.data_ptr() for key, buf in _kept_buffers(op).items()}
-    # Both pools' gather and scatter and both activations keep their tangents.
+    # Both pools' gathers and both activations keep their forward tangents; every backward
+    # output (the pools' scatters, the activations' and the second conv's input terms)
+    # alternates between the two shared buffers.
     roles = {role for _, role in first}
-    assert {"ry", "rg_x", "ra", "rg_z"} <= roles, roles
+    assert roles == {"ry", "ra", 0, 1}, roles
+    assert not any(role == "rg_x" for _, role in first)
     op.matmat(oracles.random_block(op.dim, 3, seed=2))
     op.matmat(oracles.random_block(op.dim, 2, seed=3))  # smaller: the front of each buffer
     assert {key: buf.data_ptr() for key, buf in _kept_buffers(op).items()} == first
@@ -77,3 +90,47 @@ def test_a_larger_block_grows_the_buffers(oracles, monkeypatch):
     large = {key: buf.numel() for key, buf in _kept_buffers(op).items()}
     assert small.keys() == large.keys()
     assert all(large[key] == 5 * small[key] for key in small), (small, large)
+
+
+def _product_and_buffers(oracles, monkeypatch, limit: str | None):
+    monkeypatch.setenv(ENV_BACKEND, "reference")
+    if limit is None:
+        monkeypatch.delenv(ENV_WORKSPACE_BYTES, raising=False)
+    else:
+        monkeypatch.setenv(ENV_WORKSPACE_BYTES, limit)
+    model, loss_fn, batch = oracles.build_case("conv_bn2d_affine_adaptive")
+    op = HessianOperator(model, loss_fn, batch, engine="fused")
+    block = oracles.random_block(op.dim, 3, seed=4)
+    return op.matmat(block), op._engine.workspace
+
+
+def test_the_budget_caps_the_kept_bytes(oracles, monkeypatch):
+    unlimited, workspace = _product_and_buffers(oracles, monkeypatch, None)
+    total = workspace.nbytes
+    sizes = sorted(b.numel() * b.element_size() for b in workspace.buffers.values())
+    assert len(sizes) >= 4 and total == sum(sizes)
+    # A budget for about half of them keeps some, within it; none keeps nothing. The products
+    # are the same either way (the same ops, into kept or fresh tensors).
+    for limit in (total // 2, 0):
+        product, capped = _product_and_buffers(oracles, monkeypatch, str(limit))
+        assert capped.limit_bytes == limit
+        assert capped.nbytes <= limit
+        assert (0 < len(capped.buffers) < len(sizes)) if limit else not capped.buffers
+        torch.testing.assert_close(product, unlimited, rtol=0, atol=0)
+
+
+def test_a_bad_budget_is_refused_by_name(monkeypatch):
+    for bad in ("lots", "-1", "1.5"):
+        monkeypatch.setenv(ENV_WORKSPACE_BYTES, bad)
+        with pytest.raises(ValueError, match=ENV_WORKSPACE_BYTES):
+            Workspace()
+
+
+def test_other_devices_get_fresh_tensors():
+    # CUDA's caching allocator reuses memory already: nothing is kept there. The meta device
+    # stands in for it here (any non-CPU device takes the same branch).
+    workspace = Workspace(limit_bytes=2**30)
+    like = torch.empty(0, device="meta")
+    first = workspace.get(("rule", "ry"), (4, 5), like)
+    assert first.shape == (4, 5) and first.device.type == "meta"
+    assert not workspace.buffers

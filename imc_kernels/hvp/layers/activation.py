@@ -95,7 +95,7 @@ class ActivationRule(LayerRule):
             return None, []
         if self.derivatives is not None:
             d1, d2 = self.derivatives
-            rg_z = torch.mul(rg_y, d1, out=self.kept("rg_z", rg_y.shape, rg_y))
+            rg_z = torch.mul(rg_y, d1, out=self.kept("rg_x", rg_y.shape, rg_y))
             if d2 is not None and self.rz is not None:
                 rg_z += self.rz * (d2 * self.g_a.unsqueeze(1))
             return rg_z, []

@@ -23,9 +23,88 @@ pays only for the tangent passes (Pearlmutter's R-op on a cached primal).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
+
+ENV_WORKSPACE_BYTES = "IMC_HVP_WORKSPACE_BYTES"
+DEFAULT_WORKSPACE_FRACTION = 8  # of physical memory
+
+
+def default_workspace_bytes() -> int:
+    """The kept-buffer budget of one operator: ``IMC_HVP_WORKSPACE_BYTES`` if set, else
+    one eighth of physical memory (2 GiB where that cannot be read).
+
+    Raises:
+        ValueError: the variable is not a non-negative integer.
+    """
+    setting = os.environ.get(ENV_WORKSPACE_BYTES, "").strip()
+    if setting:
+        try:
+            value = int(setting)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise ValueError(
+                f"{ENV_WORKSPACE_BYTES}={setting!r} must be a non-negative number of bytes "
+                "(0 keeps no buffer)"
+            )
+        return value
+    try:
+        return (
+            os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // DEFAULT_WORKSPACE_FRACTION
+        )
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not a POSIX system
+        return 2 * 2**30
+
+
+class Workspace:
+    """Activation-sized tangent buffers kept from one CPU product to the next, in a budget.
+
+    Fresh tensors of activation size are what made CPU block products slow: glibc returns
+    allocations over its mmap threshold (at most 32 MiB) to the kernel when they are freed,
+    so every product page-faulted its largest tangents back in (the small CNN, batch 512,
+    b = 4, one thread: 0.91 gradients per vector with fresh tensors, 0.62-0.70 kept). A
+    buffer grows and never shrinks; a block of a new size takes the front of a larger one.
+
+    Kept buffers persist between products, so they cost memory that fresh tensors return
+    after each product (up to about twice a product's own peak). ``limit_bytes`` caps them
+    (default :func:`default_workspace_bytes`); a buffer that would pass the cap is a fresh
+    tensor instead. On other devices (CUDA) the caching allocator already reuses memory and
+    a kept buffer would only pin it, so every request is a fresh tensor.
+    """
+
+    def __init__(self, limit_bytes: int | None = None):
+        self.limit_bytes = default_workspace_bytes() if limit_bytes is None else limit_bytes
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def holds(self, key: tuple, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` lives in the buffer kept for ``key``."""
+        buffer = self.buffers.get(key)
+        return (
+            buffer is not None
+            and tensor.device == buffer.device
+            and tensor.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+    def get(self, key: tuple, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A ``shape`` buffer (dtype and device of ``like``) for ``key``, uninitialised."""
+        numel = math.prod(shape)
+        buffer = self.buffers.get(key)
+        if like.device.type == "cpu":
+            if buffer is not None and buffer.numel() >= numel and buffer.dtype == like.dtype:
+                return buffer[:numel].view(shape)
+            held = 0 if buffer is None else buffer.numel() * buffer.element_size()
+            if self.nbytes - held + numel * like.element_size() <= self.limit_bytes:
+                buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
+                self.buffers[key] = buffer
+                return buffer.view(shape)
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 class LayerRule:
@@ -35,34 +114,28 @@ class LayerRule:
         self.module = module
         self.curvature = curvature
         self.hessian = curvature == "hessian"
-        # Flat buffers for activation-sized tangents, by role, reused by every product on the
-        # CPU (see kept()).
-        self.workspace: dict[str, torch.Tensor] = {}
+        # Where kept() finds its buffers; the fused engine gives all its rules one.
+        self.workspace = Workspace()
+        # The engine's choice of shared buffer for this product's "rg_x" (see kept()).
+        self.backward_key: tuple | None = None
 
     def kept(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """A ``shape`` buffer for ``role`` (dtype and device of ``like``), uninitialised.
+        """An uninitialised ``shape`` buffer for this rule's ``role``, kept on the CPU.
 
-        On the CPU the buffer is kept and reused by the next product (it grows, never
-        shrinks; a block of a new size takes the front of a larger one). Fresh tensors of
-        activation size are what made CPU block products slow: glibc returns allocations
-        over its mmap threshold (at most 32 MiB) to the kernel on free, so every product
-        page-faulted its largest tangents back in (the small CNN at b = 4, batch 512: 0.91 x
-        a gradient per vector with fresh buffers, 0.78 x without the faults). Elsewhere
-        (CUDA) the caching allocator already reuses memory, and a kept buffer would only pin
-        it, so a fresh tensor is returned.
+        See :class:`Workspace`. Safe to overwrite on the next product: every consumer reads
+        a tangent within the product that made it, a rule writes a role again only once
+        its last contents are consumed, and the products (Hv) handed to the caller are never
+        kept buffers. One operator must
+        not run two products at once (from two threads).
 
-        Safe to overwrite on the next product: every consumer reads a tangent within the
-        product that made it, and the products (Hv) handed to the caller are never kept
-        buffers. One operator must not run two products at once (from two threads).
+        The role ``"rg_x"`` (the tangent of the input gradient, a rule's backward output) is
+        dead once the rule before has read it, so the fused engine points it at one of two
+        buffers shared by all rules (``backward_key``), the one not holding the rule's own
+        input: backward tangents cost two buffers, not one per layer.
         """
-        if like.device.type != "cpu":
-            return torch.empty(shape, dtype=like.dtype, device=like.device)
-        numel = math.prod(shape)
-        buffer = self.workspace.get(role)
-        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype:
-            buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
-            self.workspace[role] = buffer
-        return buffer[:numel].view(shape)
+        if role == "rg_x" and self.backward_key is not None:
+            return self.workspace.get(self.backward_key, shape, like)
+        return self.workspace.get((id(self), role), shape, like)
 
     @property
     def params(self) -> list[torch.Tensor]:

@@ -45,10 +45,14 @@ class BatchNormRule(LayerRule):
 
     def primal_backward(self, g_y, need_input_grad):
         self.g_y = g_y
-        return g_y * (self.gamma * self.scale) if need_input_grad else None
+        # Primal factors of the tangent passes, computed once per operator.
+        self.gamma_scale = self.gamma * self.scale
+        self.g_y_scale = g_y * self.scale if self.hessian else None
+        return g_y * self.gamma_scale if need_input_grad else None
 
     # Tangents are (N, b, C, *spatial): per-channel primal tensors gain a block axis at 1,
-    # per-tangent (b, C) parameters become (1, b, C, 1, ...).
+    # per-tangent (b, C) parameters become (1, b, C, 1, ...). Every block-sized result is
+    # written in place into a kept buffer (one pass each, no block-sized temporaries).
     def _tangent_channel(self, t):
         return t.unsqueeze(1)
 
@@ -59,38 +63,54 @@ class BatchNormRule(LayerRule):
         self.rx = rx
         self.d_gamma = dparams[0] if self.module.affine else None
         d_beta = dparams[1] if self.module.affine else None
-        ry = None if rx is None else rx * self._tangent_channel(self.gamma * self.scale)
+        block = rx if rx is not None else next((d for d in dparams if d is not None), None)
+        if block is None:
+            return None
+        n, b = self.x_hat.shape[0], (rx.shape[1] if rx is not None else block.shape[0])
+        ry = self.kept("ry", (n, b, *self.x_hat.shape[1:]), self.x_hat)
+        if rx is not None:
+            torch.mul(rx, self._tangent_channel(self.gamma * self.scale), out=ry)
         if self.d_gamma is not None:
-            term = self._tangent_channel(self.x_hat) * self._block_channel(self.d_gamma)
-            ry = term if ry is None else ry.add_(term)
+            x_hat, d_gamma = self._tangent_channel(self.x_hat), self._block_channel(self.d_gamma)
+            if rx is None:
+                torch.mul(x_hat, d_gamma, out=ry)
+            else:
+                ry.addcmul_(x_hat, d_gamma)
         if d_beta is not None:
-            if ry is None:
-                n, b = self.x_hat.shape[0], d_beta.shape[0]
-                ry = self._block_channel(d_beta).expand(n, b, *self.x_hat.shape[1:]).clone()
+            if rx is None and self.d_gamma is None:
+                ry.copy_(self._block_channel(d_beta).expand_as(ry))
             else:
                 ry.add_(self._block_channel(d_beta))
         return ry
 
+    def _channel_sums(self, a, b):
+        """``sum(a * b)`` over every axis but the block and channel axes, as (b, C)."""
+        product = torch.mul(
+            a, b, out=self.kept("product", torch.broadcast_shapes(a.shape, b.shape), a)
+        )
+        return product.sum(dim=(0, *range(3, product.dim())))
+
     def tangent_backward(self, rg_y, need_input_grad):
         m = self.module
-        dims = (0, *range(3, rg_y.dim()))  # all but the block and channel axes
         hv = []
         if m.affine:
             hv_gamma = hv_beta = None
             if m.weight.requires_grad:
-                inner = rg_y * self._tangent_channel(self.x_hat)
+                hv_gamma = self._channel_sums(rg_y, self._tangent_channel(self.x_hat))
                 if self.hessian and self.rx is not None:
-                    inner = inner + self.rx * self._tangent_channel(self.g_y * self.scale)
-                hv_gamma = inner.sum(dim=dims)
+                    hv_gamma += self._channel_sums(self.rx, self._tangent_channel(self.g_y_scale))
             if m.bias.requires_grad:
-                hv_beta = rg_y.sum(dim=dims)
+                hv_beta = rg_y.sum(dim=(0, *range(3, rg_y.dim())))
             hv = [hv_gamma, hv_beta]
         rg_x = None
         if need_input_grad:
-            rg_x = rg_y * self._tangent_channel(self.gamma * self.scale)
+            rg_x = torch.mul(
+                rg_y,
+                self._tangent_channel(self.gamma_scale),
+                out=self.kept("rg_x", rg_y.shape, rg_y),
+            )
             if self.hessian and self.d_gamma is not None:
-                term = self._block_channel(self.d_gamma) * self._tangent_channel(
-                    self.g_y * self.scale
+                rg_x.addcmul_(
+                    self._block_channel(self.d_gamma), self._tangent_channel(self.g_y_scale)
                 )
-                rg_x = rg_x + term
         return rg_x, hv

@@ -37,8 +37,9 @@ memory), and the operands stream from DRAM instead of staying in cache. im2col G
 convolutions (10-15 vs 5-7 ms per vector for the weight and input terms): oneDNN's direct
 kernels beat GEMMs with 144- to 288-long reductions, and the patch matrices cost 9x the
 activations. Whole fused product on cnn_small at b = 8, one thread: 1.42 -> 0.69 gradients
-per vector. The price is memory: the kept buffers hold one block tangent of the layer's output
-and one of its input between products (what a product allocates anyway). Chunks also mean
+per vector. The price is memory: the kept buffers (``LayerRule.kept``, within the operator's
+workspace budget) hold one block tangent of the layer's output and one of its input between
+products (what a product allocates anyway). Chunks also mean
 more OpenMP parallel regions: with two threads in a niced process beside a full-core job,
 each region waited for a descheduled thread and the cost followed the chunk count (b = 8:
 whole batch 245, 24 MiB chunks 365, 8 MiB 786 ms per vector; one gradient took 340 ms there

@@ -66,11 +66,13 @@ class LinearRule(LayerRule):
             else (rx.shape[1])
         )
         if d_weight is not None:
-            ry = (self.x @ d_weight.reshape(b * m, k).T).view(rows, b, m)
+            ry = self.kept("ry", (rows, b, m), self.x)
+            torch.mm(self.x, d_weight.reshape(b * m, k).T, out=ry.view(rows, b * m))
             if self.rx is not None:
                 ry.view(rows * b, m).addmm_(self.rx.reshape(rows * b, k), weight.T)
         elif self.rx is not None:
-            ry = (self.rx.reshape(rows * b, k) @ weight.T).view(rows, b, m)
+            ry = self.kept("ry", (rows, b, m), self.x)
+            torch.mm(self.rx.reshape(rows * b, k), weight.T, out=ry.view(rows * b, m))
         else:
             ry = torch.zeros(rows, b, m, dtype=weight.dtype, device=weight.device)
         if d_bias is not None:
@@ -92,12 +94,13 @@ class LinearRule(LayerRule):
             hv_bias = rg_y.sum(dim=0)
         rg_x = None
         if need_input_grad:
+            rg_x = self.kept("rg_x", (rows, b, k), self.x)
             if self.hessian and self.d_weight is not None:
                 stacked = self.d_weight.transpose(0, 1).reshape(m, b * k)  # weight-sized copy
-                rg_x = (self.g_y @ stacked).view(rows, b, k)
+                torch.mm(self.g_y, stacked, out=rg_x.view(rows, b * k))
                 rg_x.view(rows * b, k).addmm_(rg_y.reshape(rows * b, m), weight)
             else:
-                rg_x = (rg_y.reshape(rows * b, m) @ weight).view(rows, b, k)
+                torch.mm(rg_y.reshape(rows * b, m), weight, out=rg_x.view(rows * b, k))
             rg_x = self._from_rows(rg_x)
         hv = [hv_weight] + ([hv_bias] if self.module.bias is not None else [])
         return rg_x, hv
