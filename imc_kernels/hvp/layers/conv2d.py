@@ -204,11 +204,15 @@ class Conv2dRule(LayerRule):
         rg_y = rg_y.contiguous()
         chunks = self._sample_chunks(b)
         hv_weight = hv_bias = None
+        want_bias = self.module.bias is not None and self.module.bias.requires_grad
         if weight.requires_grad:
+            # The bias products come out of the same weight-gradient calls (groups = 1).
             for s in chunks:
-                part = self._weight_terms(s, rg_y[s], b)
+                part, part_bias = self._weight_terms(s, rg_y[s], b, want_bias)
                 hv_weight = part if hv_weight is None else hv_weight.add_(part)
-        if self.module.bias is not None and self.module.bias.requires_grad:
+                if part_bias is not None:
+                    hv_bias = part_bias if hv_bias is None else hv_bias.add_(part_bias)
+        if want_bias and hv_bias is None:
             hv_bias = rg_y.sum(dim=(0, 3, 4))
         rg_x = None
         if need_input_grad:
@@ -221,23 +225,40 @@ class Conv2dRule(LayerRule):
         hv = [hv_weight] + ([hv_bias] if self.module.bias is not None else [])
         return rg_x, hv
 
-    def _weight_terms(self, s: slice, rg_y, b):
-        """``conv_w(x, rg_y_i) + conv_w(rx_i, g_y)`` over the samples ``s``, as (b, *W.shape)."""
+    def _weight_terms(self, s: slice, rg_y, b, want_bias=False):
+        """``conv_w(x, rg_y_i) + conv_w(rx_i, g_y)`` over the samples ``s``, as (b, *W.shape),
+        and with ``want_bias`` (groups = 1) the bias products ``sum(rg_y_i)`` as (b, Co), from
+        the same call (else None)."""
         weight = self.module.weight
         x = self.x[s]
         n, co = rg_y.shape[0], rg_y.shape[2]
+        hv_bias = None
         if self.module.groups == 1:
             stacked = rg_y.view(n, b * co, *rg_y.shape[3:])
-            hv_weight = conv2d_weight(
-                x, (b * co, *weight.shape[1:]), stacked, **self.conv_args
-            ).view(b, *weight.shape)
+            args = self.conv_args
+            _, hv_weight, hv_bias = torch.ops.aten.convolution_backward(
+                stacked,
+                x,
+                stacked.new_empty(1).expand(b * co, *weight.shape[1:]),  # its shape only
+                [b * co] if want_bias else None,
+                args["stride"],
+                args["padding"],
+                args["dilation"],
+                False,
+                [0, 0],
+                1,
+                (False, True, want_bias),
+            )
+            hv_weight = hv_weight.view(b, *weight.shape)
+            if hv_bias is not None:
+                hv_bias = hv_bias.view(b, co)
         else:
             hv_weight = torch.stack(
                 [conv2d_weight(x, weight.shape, rg_y[:, i], **self.conv_args) for i in range(b)]
             )
         if self.hessian and self.rx is not None:
             hv_weight += self._weight_grad_of_input_tangents(self.rx[s], self.g_y[s])
-        return hv_weight
+        return hv_weight, hv_bias
 
     def _input_terms(self, s: slice, rg_y, b):
         """``conv_x(rg_y_i, W) + conv_x(g_y, dW_i)`` over the samples ``s``, as (n, b, Ci, H, W)."""
