@@ -61,12 +61,21 @@ def test_alternating_block_sizes_match_the_dense_hessian(oracles, case_name, bac
         assert torch.equal(product, copy)
 
 
-def test_a_second_product_reuses_the_kept_buffers(oracles, monkeypatch):
-    # The pure-PyTorch twins (the CPU path outside the tests' Triton interpreter) are the
-    # activation passes that write kept buffers; the Triton kernels allocate their outputs.
+def _reference_operator(oracles, monkeypatch, case="conv_relu_maxpool_twice", limit=None):
+    """A fused operator on the pure-PyTorch twins (the CPU path outside the tests' Triton
+    interpreter: its activation passes write kept buffers, the Triton kernels allocate their
+    outputs), with ``IMC_HVP_WORKSPACE_BYTES`` set to ``limit`` (None: unset)."""
     monkeypatch.setenv(ENV_BACKEND, "reference")
-    model, loss_fn, batch = oracles.build_case("conv_relu_maxpool_twice")
-    op = HessianOperator(model, loss_fn, batch, engine="fused")
+    if limit is None:
+        monkeypatch.delenv(ENV_WORKSPACE_BYTES, raising=False)
+    else:
+        monkeypatch.setenv(ENV_WORKSPACE_BYTES, str(limit))
+    model, loss_fn, batch = oracles.build_case(case)
+    return HessianOperator(model, loss_fn, batch, engine="fused")
+
+
+def test_a_second_product_reuses_the_kept_buffers(oracles, monkeypatch):
+    op = _reference_operator(oracles, monkeypatch)
     op.matmat(oracles.random_block(op.dim, 3, seed=1))
     first = {key: buf.data_ptr() for key, buf in _kept_buffers(op).items()}
     # Both pools' gathers and both activations keep their forward tangents; every backward
@@ -81,9 +90,7 @@ def test_a_second_product_reuses_the_kept_buffers(oracles, monkeypatch):
 
 
 def test_a_larger_block_grows_the_buffers(oracles, monkeypatch):
-    monkeypatch.setenv(ENV_BACKEND, "reference")
-    model, loss_fn, batch = oracles.build_case("conv_relu_maxpool_twice")
-    op = HessianOperator(model, loss_fn, batch, engine="fused")
+    op = _reference_operator(oracles, monkeypatch)
     op.matmat(oracles.random_block(op.dim, 1, seed=1))
     small = {key: buf.numel() for key, buf in _kept_buffers(op).items()}
     op.matmat(oracles.random_block(op.dim, 5, seed=2))
@@ -92,16 +99,9 @@ def test_a_larger_block_grows_the_buffers(oracles, monkeypatch):
     assert all(large[key] == 5 * small[key] for key in small), (small, large)
 
 
-def _product_and_buffers(oracles, monkeypatch, limit: str | None):
-    monkeypatch.setenv(ENV_BACKEND, "reference")
-    if limit is None:
-        monkeypatch.delenv(ENV_WORKSPACE_BYTES, raising=False)
-    else:
-        monkeypatch.setenv(ENV_WORKSPACE_BYTES, limit)
-    model, loss_fn, batch = oracles.build_case("conv_bn2d_affine_adaptive")
-    op = HessianOperator(model, loss_fn, batch, engine="fused")
-    block = oracles.random_block(op.dim, 3, seed=4)
-    return op.matmat(block), op._engine.workspace
+def _product_and_buffers(oracles, monkeypatch, limit):
+    op = _reference_operator(oracles, monkeypatch, "conv_bn2d_affine_adaptive", limit)
+    return op.matmat(oracles.random_block(op.dim, 3, seed=4)), op._engine.workspace
 
 
 def test_the_budget_caps_the_kept_bytes(oracles, monkeypatch):
