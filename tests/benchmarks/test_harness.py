@@ -5,6 +5,7 @@ models: the benchmark's correctness oracle (``jvp_grad``) and its GGN reference 
 right before they can judge anything else.
 """
 
+import copy
 import csv
 import re
 import sys
@@ -345,6 +346,31 @@ def test_ggn_reference_matches_the_dense_ggn(build):
     # and the GGN is not the Hessian here (tanh/BN make them differ), so the test has teeth
     hessian = _dense_hessian(problem)
     assert (hessian - dense).norm() > 1e-3 * dense.norm()
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_references_check_against_float64(curvature):
+    # The fp32 problem's oracle columns, its float64 twin's columns (the dense Hessian / GGN
+    # of the float64 model, to 1e-10), and the tolerance built from the gap between them.
+    tiny = _tiny_problem(_tiny_cnn)
+    model32 = copy.deepcopy(tiny.model).float()
+    problem = hvp.Problem(model32, tiny.inputs.float(), tiny.targets)
+    # The dense oracle of the fp32 weights and inputs, exactly representable in float64.
+    dense = (_dense_hessian if curvature == "hessian" else _dense_ggn)(hvp.float64_problem(problem))
+    check = torch.randn(problem.dim, 3)
+    references = hvp.References(problem, check, sync=lambda: None)
+    truth = references.truth(curvature, 3)
+    assert truth.dtype == torch.float64
+    harness.check_close(truth, dense @ check.double(), rtol=1e-10, what="truth", dim=0)
+    assert next(model32.parameters()).dtype == torch.float32  # the copy left it alone
+    fp32 = references.get(curvature, 2)
+    assert fp32.dtype == torch.float32 and fp32.shape == (problem.dim, 2)
+    error = references.oracle_error(curvature, 3)
+    assert 0 < error < 1e-5  # fp32 rounding on a tiny, smooth problem
+    assert references.rtol(curvature, 3) == hvp.RTOL_FP32
+    # Where the fp32 oracle is far from float64, the tolerance follows it.
+    references.columns[(curvature, torch.float32)] = (truth * (1 + 1e-3)).float()
+    assert references.rtol(curvature, 3) == pytest.approx(hvp.FP32_ORACLE_SLACK * 1e-3, rel=1e-3)
 
 
 def test_cross_entropy_hessian_closed_form():
