@@ -61,6 +61,9 @@ class ActivationRule(LayerRule):
 
     def primal_backward(self, g_y, need_input_grad):
         self.g_a = g_y
+        # The second-derivative term's primal factor act''(z) g_a, once per operator.
+        d2 = None if self.derivatives is None else self.derivatives[1]
+        self.d2_g_a = None if d2 is None else d2 * g_y.unsqueeze(1)
         if not need_input_grad:
             return None
         g_z, _ = ops.activation_hvp_backward(
@@ -94,10 +97,9 @@ class ActivationRule(LayerRule):
         if not need_input_grad:
             return None, []
         if self.derivatives is not None:
-            d1, d2 = self.derivatives
-            rg_z = torch.mul(rg_y, d1, out=self.kept("rg_x", rg_y.shape, rg_y))
-            if d2 is not None and self.rz is not None:
-                rg_z += self.rz * (d2 * self.g_a.unsqueeze(1))
+            rg_z = torch.mul(rg_y, self.derivatives[0], out=self.kept("rg_x", rg_y.shape, rg_y))
+            if self.d2_g_a is not None and self.rz is not None:
+                rg_z += self.rz * self.d2_g_a
             return rg_z, []
         # Without a forward tangent (rz = 0) the second-derivative term vanishes.
         curvature = "hessian" if self.hessian and self.rz is not None else "ggn"

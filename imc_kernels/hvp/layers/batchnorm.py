@@ -37,16 +37,16 @@ class BatchNormRule(LayerRule):
         ndim = x.dim()
         self.scale = self._channel(torch.rsqrt(m.running_var + m.eps), ndim)
         self.x_hat = (x - self._channel(m.running_mean, ndim)) * self.scale
+        # Primal factors of the tangent passes, computed once per operator.
         if m.affine:
-            self.gamma = self._channel(m.weight, ndim)
-            return self.x_hat * self.gamma + self._channel(m.bias, ndim)
-        self.gamma = torch.ones_like(self.scale)
+            gamma = self._channel(m.weight, ndim)
+            self.gamma_scale = gamma * self.scale
+            return self.x_hat * gamma + self._channel(m.bias, ndim)
+        self.gamma_scale = self.scale
         return self.x_hat.clone()
 
     def primal_backward(self, g_y, need_input_grad):
         self.g_y = g_y
-        # Primal factors of the tangent passes, computed once per operator.
-        self.gamma_scale = self.gamma * self.scale
         self.g_y_scale = g_y * self.scale if self.hessian else None
         return g_y * self.gamma_scale if need_input_grad else None
 
@@ -69,7 +69,7 @@ class BatchNormRule(LayerRule):
         n, b = self.x_hat.shape[0], (rx.shape[1] if rx is not None else block.shape[0])
         ry = self.kept("ry", (n, b, *self.x_hat.shape[1:]), self.x_hat)
         if rx is not None:
-            torch.mul(rx, self._tangent_channel(self.gamma * self.scale), out=ry)
+            torch.mul(rx, self._tangent_channel(self.gamma_scale), out=ry)
         if self.d_gamma is not None:
             x_hat, d_gamma = self._tangent_channel(self.x_hat), self._block_channel(self.d_gamma)
             if rx is None:
