@@ -181,6 +181,38 @@ void block_orth_check_inputs(const at::Tensor& basis, int64_t filled, const at::
   check_disjoint(coeffs, "coeffs", coeffs_first, "coeffs_first");
 }
 
+// Entry checks of gemm_out (its CPU kernel is csrc/gemm/gemm_cpu.cpp). Python's
+// imc_kernels.ops.gemm checks the same conditions first and raises ValueError/TypeError.
+void gemm_check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
+                       double beta) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2,
+              "imc_kernels::gemm_out needs 2-D a (m, k), b (k, n) and out (m, n), got ", a.dim(),
+              "-D, ", b.dim(), "-D and ", out.dim(), "-D tensors");
+  TORCH_CHECK(a.size(1) == b.size(0) && out.size(0) == a.size(0) && out.size(1) == b.size(1),
+              "imc_kernels::gemm_out: shapes do not chain, a ", a.sizes(), " @ b ", b.sizes(),
+              " into out ", out.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && a.scalar_type() == out.scalar_type(),
+              "imc_kernels::gemm_out needs a, b and out of one dtype, got ", a.scalar_type(), ", ",
+              b.scalar_type(), " and ", out.scalar_type());
+  TORCH_CHECK(at::isFloatingType(a.scalar_type()),
+              "imc_kernels::gemm_out takes floating-point tensors, got ", a.scalar_type());
+  TORCH_CHECK(a.device() == b.device() && a.device() == out.device(),
+              "imc_kernels::gemm_out needs a, b and out on one device, got ", a.device(), ", ",
+              b.device(), " and ", out.device());
+  TORCH_CHECK(std::isfinite(beta), "imc_kernels::gemm_out needs a finite beta, got ", beta);
+  for (const at::Tensor* t : {&a, &b}) {
+    // As torch's own out= GEMMs: strided views whose overlap is too hard to decide pass here
+    // (gemm_out then leaves them to at::mm_out).
+    const auto status = at::get_overlap_status(out, *t);
+    TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial,
+                "imc_kernels::gemm_out: out shares memory with an operand; pass a separate "
+                "output buffer");
+  }
+}
+
+// Whether gemm_out's CPU kernel found torch's oneDNN matmul (csrc/gemm/gemm_cpu.cpp).
+bool gemm_uses_onednn_cpu();
+
 }  // namespace imc_kernels
 
 TORCH_LIBRARY(imc_kernels, m) {
@@ -204,4 +236,10 @@ TORCH_LIBRARY(imc_kernels, m) {
       "block_orth_step(Tensor basis, int filled, Tensor(a!) block, Tensor(b!) work, "
       "Tensor(c!) q, Tensor(d!) coeffs, Tensor(e!) coeffs_first, Tensor(f!) coupling, "
       "Tensor? prior_norms_sq, float tau, bool auto_second_projection) -> (Tensor, Tensor)");
+  // out = a @ b + beta * out (beta = 0 ignores out's contents), a (m, k), b (k, n), 2-D. On
+  // the CPU, float32 runs through torch's oneDNN matmul where libtorch exports it (faster than
+  // MKL's sgemm on AMD processors), everything else through at::mm_out / addmm_out.
+  m.def("gemm_out(Tensor a, Tensor b, float beta, Tensor(a!) out) -> ()");
+  // True when gemm_out's CPU kernel runs float32 through oneDNN in this process.
+  m.def("gemm_uses_onednn() -> bool", &imc_kernels::gemm_uses_onednn_cpu);
 }

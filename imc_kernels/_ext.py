@@ -181,7 +181,15 @@ def _register_fakes(torch) -> None:
         flags = block.new_empty((5,), dtype=torch.int32)
         return flags, block.new_empty((2, block.shape[1]), dtype=torch.float64)
 
-    fakes = {"tsmm_xty": tsmm_xty_fake, "block_orth_step": block_orth_step_fake}
+    def gemm_out_fake(a, b, beta, out):
+        torch._check(a.dim() == 2 and b.dim() == 2, lambda: "gemm_out needs 2-D a and b")
+        torch._check(a.shape[1] == b.shape[0], lambda: "gemm_out: shapes do not chain")
+
+    fakes = {
+        "tsmm_xty": tsmm_xty_fake,
+        "block_orth_step": block_orth_step_fake,
+        "gemm_out": gemm_out_fake,
+    }
     for name, fake in fakes.items():
         if not has_op(name):
             continue  # an extension built before this op existed

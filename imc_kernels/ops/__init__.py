@@ -8,12 +8,16 @@ is the CPU path, the test oracle and the benchmark baseline at once.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
 from imc_kernels import _dispatch
 from imc_kernels.reference import activation as _ref_activation
 from imc_kernels.reference import block_orth as _ref_block_orth
 from imc_kernels.reference import cross_entropy as _ref_cross_entropy
+from imc_kernels.reference import gemm as _ref_gemm
 from imc_kernels.reference import masked_optim as _ref_masked_optim
 from imc_kernels.reference import tsmm as _ref_tsmm
 
@@ -157,6 +161,87 @@ def cross_entropy_hvp(
     return _ref_cross_entropy.cross_entropy_hvp(
         logits, target, tangents, scale=scale, ignore_index=ignore_index, write_primal=write_primal
     )
+
+
+def gemm(
+    a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None, beta: float = 0.0
+) -> torch.Tensor:
+    """``out = a @ b + beta * out`` for 2-D ``a`` (m, k) and ``b`` (k, n).
+
+    The fused HVP engine's matrix products go through here. On the CPU, float32 runs through
+    the C++ op ``imc_kernels::gemm_out``, which calls the oneDNN matmul inside libtorch rather
+    than MKL's sgemm (torch's choice for float32 ``mm``): on AMD processors MKL takes its AVX2
+    path, and oneDNN's AVX-512 kernels run 2.1-2.3 times faster on the engine's shapes
+    (``benchmarks/results/cpu-gemm.md``). Other dtypes and devices, and a torch without
+    oneDNN, use ``torch.mm`` / ``addmm_`` (the twin in ``imc_kernels/reference/gemm.py``).
+    ``IMC_CPU_GEMM=torch`` keeps torch's GEMM everywhere (``onednn``, the default, is the
+    other value). Results agree with ``torch.mm`` to float32 rounding, not bitwise.
+
+    Forcing the ``reference`` backend for the ``"gemm"`` family (``IMC_KERNELS_BACKEND=reference``
+    or :func:`imc_kernels._dispatch.force_backend`, as the solver's twin does) also keeps
+    torch's GEMM. Forcing ``triton`` or ``cext`` leaves GEMMs on the choice above: there is no
+    Triton GEMM here (like convolutions, they stay with the vendor libraries).
+
+    Args:
+        a: ``(m, k)``; row-major or transposed views are read in place.
+        b: ``(k, n)``, same dtype and device.
+        out: ``(m, n)`` buffer to write, disjoint from ``a`` and ``b``; a new tensor when None.
+        beta: scale of ``out``'s current contents added to the product (0 ignores them,
+            NaN included; nonzero needs ``out``).
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError / TypeError: see :func:`imc_kernels.reference.gemm.check_inputs`.
+
+    Example:
+        >>> a, b = torch.ones(2, 3), torch.ones(3, 4)
+        >>> gemm(a, b).sum().item()
+        24.0
+    """
+    _ref_gemm.check_inputs(a, b, out, beta)
+    forced = _dispatch._forced_for("gemm")
+    if (
+        a.device.type == "cpu"
+        and a.dtype == torch.float32
+        and (forced is None or forced[0] != "reference")
+        and _cpu_gemm() == "onednn"
+    ):
+        if out is None:
+            out = a.new_empty((a.shape[0], b.shape[1]))
+        torch.ops.imc_kernels.gemm_out(a, b, beta, out)
+        return out
+    return _ref_gemm.gemm(a, b, out=out, beta=beta)
+
+
+CPU_GEMM_ENV = "IMC_CPU_GEMM"
+
+
+def _cpu_gemm() -> str:
+    """``"onednn"`` or ``"torch"``: which library :func:`gemm` runs float32 CPU products with.
+
+    ``onednn`` unless ``IMC_CPU_GEMM=torch``, oneDNN is switched off in torch
+    (``torch.backends.mkldnn.flags(enabled=False)``), the extension lacks ``gemm_out`` (not
+    built, or built before it), or libtorch does not export its oneDNN matmul.
+
+    Raises:
+        ValueError: ``IMC_CPU_GEMM`` names neither.
+    """
+    value = os.environ.get(CPU_GEMM_ENV, "onednn").strip().lower() or "onednn"
+    if value not in ("onednn", "torch"):
+        raise ValueError(f"{CPU_GEMM_ENV}={value!r}: use 'onednn' (the default) or 'torch'")
+    if value == "torch" or not torch._C._get_mkldnn_enabled():  # torch.backends.mkldnn.flags
+        return "torch"
+    return "onednn" if _onednn_matmul_found() else "torch"
+
+
+@functools.lru_cache(maxsize=1)
+def _onednn_matmul_found() -> bool:
+    """True when the loaded extension has ``gemm_out`` and it found torch's oneDNN matmul."""
+    if _dispatch.cext_unsupported_reason(torch.device("cpu"), "gemm_out") is not None:
+        return False
+    return bool(torch.ops.imc_kernels.gemm_uses_onednn())
 
 
 def tsmm_xty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,13 @@
 """Pure-PyTorch twin of the block Lanczos solver :func:`imc_kernels.linalg.block_lanczos`.
 
-The solver is Python over two dispatched kernel families: ``tsmm`` (the fp64-accumulating
-``x^T y`` of every projection and Gram) and ``block_orth`` (one block orthogonalization step,
-BCGS2 with CholeskyQR and the rank check). Everything else it does (the operator products,
-``T``, its ``eigh``, restarts, locking, rank repair) is PyTorch already. The twin runs the very
-same algorithm, line for line, with those two families forced to their reference
-implementations (:mod:`imc_kernels.reference.tsmm`, :mod:`imc_kernels.reference.block_orth`)
+The solver is Python over three dispatched kernel families: ``tsmm`` (the fp64-accumulating
+``x^T y`` of every projection and Gram), ``block_orth`` (one block orthogonalization step,
+BCGS2 with CholeskyQR and the rank check) and ``gemm`` (the basis-sized products of the
+restarts; oneDNN on the CPU, see :func:`imc_kernels.ops.gemm`). Everything else it does (the
+operator products, ``T``, its ``eigh``, restarts, locking, rank repair) is PyTorch already. The
+twin runs the very same algorithm, line for line, with those families forced to their reference
+implementations (:mod:`imc_kernels.reference.tsmm`, :mod:`imc_kernels.reference.block_orth`,
+:mod:`imc_kernels.reference.gemm`)
 through :func:`imc_kernels._dispatch.force_backend`, so it cannot drift from the solver: a
 change to the algorithm changes both, and what remains to compare is the kernels' arithmetic.
 
@@ -33,7 +35,7 @@ from imc_kernels.linalg.block_lanczos import block_lanczos as _extension_block_l
 
 # The op families (the names imc_kernels.ops passes to _dispatch.select) the solver calls;
 # tests/linalg/test_reference_solver.py checks that no compiled op runs inside the twin.
-SOLVER_OPS = ("tsmm", "block_orth")
+SOLVER_OPS = ("tsmm", "block_orth", "gemm")
 
 
 def block_lanczos(

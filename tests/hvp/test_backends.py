@@ -29,6 +29,20 @@ def test_fused_backend_matches_oracle(
     assert oracles.rel_err(op @ block, expected) <= FP32_TOL
 
 
+@pytest.mark.parametrize("library", ["onednn", "torch"])
+@pytest.mark.parametrize("case", ["mlp_relu", "linear_3d_bn1d_ncl", "conv_same_maxpool_ceil"])
+def test_fused_engine_matches_oracle_with_either_cpu_gemm(
+    case, library, oracles, dense_oracle, monkeypatch
+):
+    """The Linear rule's products through oneDNN and through torch's GEMM (``IMC_CPU_GEMM``)."""
+    monkeypatch.setenv("IMC_CPU_GEMM", library)
+    model, loss_fn, batch = oracles.build_case(case)
+    op = HessianOperator(model, loss_fn, batch, engine="fused")
+    block = oracles.random_block(op.dim, 4)
+    expected = dense_oracle(case, "hessian") @ block.double()
+    assert oracles.rel_err(op @ block, expected) <= FP32_TOL
+
+
 def test_reference_backend_reuses_the_primal(oracles, monkeypatch):
     """Two blocks through one operator equal two fresh operators (nothing stale is cached)."""
     monkeypatch.setenv("IMC_KERNELS_BACKEND", "reference")
