@@ -73,7 +73,7 @@ def layer_products(widths: tuple[int, ...], rows: int, b: int) -> list[tuple[str
     return products
 
 
-def solver_products(dim: int, b: int) -> list[tuple[str, tuple]]:
+def solver_products(dim: int) -> list[tuple[str, tuple]]:
     """The Ritz-vector products ``V[:, :m] S`` for the basis sizes of k = 10 and k = 32."""
     out = []
     for m, k in ((21, 10), (64, 32)):
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     rows = []
     for group in args.groups:
         if group == "solver":
-            products = solver_products(dim, args.block)
+            products = solver_products(dim)
         else:
             products = layer_products(WIDTHS[group], rows_per_batch, args.block)
         for name, spec in products:
