@@ -68,8 +68,10 @@ def build_info() -> dict[str, object]:
         ``triton_version`` (None when not installed), ``triton_mode`` (``"cuda"``,
         ``"interpreter"`` or ``"unavailable"``), ``triton_reason``, ``torch_version``,
         ``torch_cuda`` (torch's CUDA version, None for a CPU build), ``cuda_available``,
-        ``devices`` (one line per device) and ``forced_backend`` (``IMC_KERNELS_BACKEND``, None
-        when unset).
+        ``devices`` (one line per device), ``forced_backend`` (``IMC_KERNELS_BACKEND``, None
+        when unset) and ``cpu_gemm`` (the library of float32 CPU products,
+        :func:`imc_kernels.ops.gemm`: ``"onednn"`` or ``"torch"``, or ``"invalid: ..."`` for a
+        bad ``IMC_CPU_GEMM``).
 
     Example:
         >>> import imc_kernels
@@ -91,4 +93,14 @@ def build_info() -> dict[str, object]:
         "cuda_available": torch.cuda.is_available(),
         "devices": _devices(),
         "forced_backend": _forced_backend(),
+        "cpu_gemm": _cpu_gemm(),
     }
+
+
+def _cpu_gemm() -> str:
+    from imc_kernels import ops
+
+    try:
+        return ops._cpu_gemm()
+    except ValueError as exc:
+        return f"invalid: {exc}"

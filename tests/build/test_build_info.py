@@ -24,6 +24,7 @@ KEYS = {
     "cuda_available",
     "devices",
     "forced_backend",
+    "cpu_gemm",
 }
 
 
@@ -41,6 +42,17 @@ def test_keys_and_values():
         torch.cuda.device_count() if torch.cuda.is_available() else 0
     )
     json.dumps(info)  # serializable for the report
+
+
+def test_cpu_gemm(monkeypatch):
+    monkeypatch.setenv("IMC_CPU_GEMM", "torch")
+    assert imc_kernels.build_info()["cpu_gemm"] == "torch"
+    monkeypatch.setenv("IMC_CPU_GEMM", "blas")
+    assert imc_kernels.build_info()["cpu_gemm"].startswith("invalid")
+    monkeypatch.delenv("IMC_CPU_GEMM")
+    loaded = _ext.load().module is not None
+    expected = "onednn" if loaded and torch.ops.imc_kernels.gemm_uses_onednn() else "torch"
+    assert imc_kernels.build_info()["cpu_gemm"] == expected
 
 
 def test_forced_backend(monkeypatch):
