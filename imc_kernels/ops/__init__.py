@@ -175,7 +175,8 @@ def gemm(
     (``benchmarks/results/cpu-gemm.md``). Other dtypes and devices, and a torch without
     oneDNN, use ``torch.mm`` / ``addmm_`` (the twin in ``imc_kernels/reference/gemm.py``).
     ``IMC_CPU_GEMM=torch`` keeps torch's GEMM everywhere (``onednn``, the default, is the
-    other value). Results agree with ``torch.mm`` to float32 rounding, not bitwise.
+    other value). Results agree with ``torch.mm`` to float32 rounding, not bitwise. Operands
+    that require grad (with grad mode on) also take torch's GEMM, so autograd sees the product.
 
     Forcing the ``reference`` backend for the ``"gemm"`` family (``IMC_KERNELS_BACKEND=reference``
     or :func:`imc_kernels._dispatch.force_backend`, as the solver's twin does) also keeps
@@ -206,6 +207,7 @@ def gemm(
         a.device.type == "cpu"
         and a.dtype == torch.float32
         and (forced is None or forced[0] != "reference")
+        and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
         and _cpu_gemm() == "onednn"
     ):
         if out is None:

@@ -241,3 +241,11 @@ def test_forced_reference_backend_selects_torch_gemm(how, monkeypatch):
         with _dispatch.force_backend("reference", ops=("gemm",)):
             ops.gemm(a, b, out=out, beta=1.0)
     assert torch.equal(out, c.clone().addmm_(a, b))
+
+
+def test_operands_requiring_grad_keep_autograd():
+    a, b, _ = _operands(20, 10, 5, torch.float32)
+    a.requires_grad_(True)
+    out = ops.gemm(a, b)
+    out.sum().backward()
+    assert torch.allclose(a.grad, b.sum(1).expand(20, 10), rtol=1e-6, atol=1e-6)
