@@ -11,12 +11,14 @@
 // uses for those modes, at::native::mkldnn_matmul(mat1, mat2, result, beta, alpha). Its header
 // is not installed, so we look the symbol up at run time in the library that defines
 // at::_ops::mm (dladdr, then dlsym): a torch built without MKLDNN, or a future torch that drops
-// or changes the function, leaves the symbol unresolved and every call takes at::mm_out.
+// the function, leaves the symbol unresolved, and a found symbol must pass a self-test on its
+// first use (passes_self_test); otherwise every call takes at::mm_out.
 // The signature is pinned by the mangled name (two Tensor const& are S3_ back-references).
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -24,6 +26,7 @@
 #include "gemm_cpu.h"
 
 #include <cstdint>
+#include <exception>
 #include <utility>
 
 #if defined(__linux__) || defined(__APPLE__)
@@ -59,8 +62,42 @@ MkldnnMatmul resolve_mkldnn_matmul() {
 #endif
 }
 
+// The symbol's presence does not prove its behaviour: torch releases before float32 support
+// in this function rejected float32 with an error, and a future one may change what beta
+// means. One small product with beta = 1 (3 x 5 times 5 x 2, a transposed operand) is checked
+// against a plain loop when the symbol is found; any exception or mismatch disables it.
+bool passes_self_test(MkldnnMatmul fn) {
+  try {
+    const auto options = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor a = at::empty({3, 5}, options);
+    at::Tensor b_t = at::empty({2, 5}, options);  // b = b_t^T, a column-major operand
+    at::Tensor out = at::empty({3, 2}, options);
+    float* pa = a.mutable_data_ptr<float>();
+    float* pb = b_t.mutable_data_ptr<float>();
+    float* po = out.mutable_data_ptr<float>();
+    for (int i = 0; i < 15; ++i) pa[i] = static_cast<float>(i % 7) - 3.0f;
+    for (int i = 0; i < 10; ++i) pb[i] = 0.5f * static_cast<float>(i % 5) - 1.0f;
+    for (int i = 0; i < 6; ++i) po[i] = static_cast<float>(i);
+    fn(a, b_t.t(), out, 1.0f, 1.0f);
+    for (int r = 0; r < 3; ++r) {
+      for (int c = 0; c < 2; ++c) {
+        float expected = static_cast<float>(r * 2 + c);
+        for (int t = 0; t < 5; ++t) expected += pa[r * 5 + t] * pb[c * 5 + t];
+        // Small integers and halves: every product and sum is exact in float32.
+        if (out.const_data_ptr<float>()[r * 2 + c] != expected) return false;
+      }
+    }
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
 MkldnnMatmul mkldnn_matmul() {
-  static const MkldnnMatmul fn = resolve_mkldnn_matmul();
+  static const MkldnnMatmul fn = [] {
+    const MkldnnMatmul found = resolve_mkldnn_matmul();
+    return found != nullptr && passes_self_test(found) ? found : nullptr;
+  }();
   return fn;
 }
 
