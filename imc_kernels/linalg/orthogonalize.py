@@ -150,6 +150,11 @@ def xty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     m, b = x.shape[1], y.shape[1]
     if m == 0 or b == 0 or x.shape[0] == 0:
         return torch.zeros(m, b, dtype=torch.float64, device=x.device)
+    if m == 1 and b == 1 and x.device.type == "cpu" and _same_view(x, y):
+        # ||x||^2 of one column (the Gram of a single vector, every Lanczos step at b = 1):
+        # the norm reduction casts to float64 as it reads (fp64 products and sums, as below)
+        # without the two upcast copies: 0.08 against 1.07 ms at n = 266,610, one thread.
+        return torch.linalg.vector_norm(x, dtype=torch.float64).square().view(1, 1)
     if x.device.type == "cpu" and m * b <= _UPCAST_MAX_PRODUCT and max(m, b) <= 8:
         # The op's CPU micro-kernel pads both operands to 4 x 8 columns and has a fixed
         # cost of ~2.5 ms at n = 266,610 on one core, whatever the width; for these widths
@@ -177,6 +182,16 @@ def xty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         ]
         rows.append(torch.cat(cols, dim=1))
     return torch.cat(rows, dim=0)
+
+
+def _same_view(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """True when ``x`` and ``y`` are the same elements (the same view of one storage)."""
+    return (
+        x.data_ptr() == y.data_ptr()
+        and x.shape == y.shape
+        and x.stride() == y.stride()
+        and x.dtype == y.dtype
+    )
 
 
 def project_out(basis: torch.Tensor, block: torch.Tensor) -> torch.Tensor:

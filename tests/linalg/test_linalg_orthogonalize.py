@@ -67,6 +67,29 @@ def test_xty_on_leading_columns_of_a_row_major_buffer(m, b, dtype):
     )
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "basis column", "row of a buffer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_xty_of_one_column_with_itself(layout, dtype):
+    # The Gram of a single vector (every step at b = 1) goes through a float64 norm.
+    gen = torch.Generator().manual_seed(5)
+    n = 100_003
+    source = torch.randn(3, n, generator=gen, dtype=torch.float64).to(dtype) * 1e3
+    x = {
+        "contiguous": source[0].clone().view(n, 1),
+        "basis column": source.T[:, 1:2],
+        "row of a buffer": source[2].view(n, 1),
+    }[layout]
+    got = orth.xty(x, x)
+    exact = (x.double() * x.double()).sum()
+    assert got.shape == (1, 1) and got.dtype == torch.float64
+    assert abs(float(got) - float(exact)) <= n * 2.3e-16 * float(exact)
+    # A different column of the same storage is not the same view: the general path.
+    other = source.T[:, 0:1]
+    torch.testing.assert_close(
+        orth.xty(x, other), x.double().T @ other.double(), rtol=1e-12, atol=1e-6
+    )
+
+
 @pytest.mark.parametrize("m, b", [(2, 1), (20, 1), (33, 2)])
 def test_xty_on_a_column_major_basis(m, b):
     # The single-vector solver's layout on CPU: one vector per row of an (M, n) buffer, the
