@@ -11,7 +11,7 @@ PYTEST_ARGS ?= -q
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
 
-.PHONY: setup check main fashion-mnist install test cuda-check lint bench-quick
+.PHONY: setup check main fashion-mnist install test cuda-check lint bench-quick gpu-carry
 
 $(VENV)/.installed: setup.py pyproject.toml
 	python3 -m venv $(VENV)
@@ -67,6 +67,17 @@ cuda-check:
 
 lint:
 	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
+
+# What a lent GPU machine needs and lacks, for benchmarks/gpu_session.sh (name .gpu_carry in
+# the device tool's carry): Fashion-MNIST's IDX files and the peers' wheels, about 31 MB.
+PEER_WHEELS ?= PyHessian==0.1 hessian-eigenthings==1.0.0a5 curvlinops-for-pytorch==3.0.1 einconv==0.1.0
+gpu-carry: fashion-mnist
+	mkdir -p .gpu_carry/fashion-mnist .gpu_carry/wheels
+	cp "$${IMC_DATA:-$(FMNIST_DIR)}"/*-idx?-ubyte.gz .gpu_carry/fashion-mnist/
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+		-d .gpu_carry/wheels $(PEER_WHEELS)
+	du -sh .gpu_carry
 
 bench-quick:
 	$(PYTHON) benchmarks/hvp.py --quick --no-save
