@@ -13,8 +13,8 @@
 # and linear-operator). Name `.gpu_carry` in the tool's `carry`.
 #
 # Stages:
-#   build  pip install --no-build-isolation --no-deps . (CUDA extension where nvcc and torch
-#          agree), env report; peers installed from .gpu_carry/wheels into /tmp/imc_site.
+#   build  pip install --no-build-isolation --no-deps -e . (CUDA extension where nvcc and
+#          torch agree), env report; peers installed from .gpu_carry/wheels into /tmp/imc_site.
 #   test   the whole suite (pytest -x is not used: every failure is listed), 420 s at most.
 #   bench  hvp.py, eig.py (k = 1, 10, 32), sparse.py and prune.py --quick; results in
 #          $OUT/results/ to be committed under benchmarks/results/ with the device named.
@@ -55,7 +55,11 @@ stage_build() {
   if [ "$DRY" = 1 ]; then
     log "DRY=1: no install"
   else
-    run build 420 "$PYTHON" -m pip install --no-build-isolation --no-deps -v .
+    # Editable: the extension lands in imc_kernels/ beside the sources, which the tests and
+    # the benchmarks import from the repository root (a plain install would be shadowed by
+    # the source tree there and fall back to a JIT build).
+    MAX_JOBS=${MAX_JOBS:-16} run build 420 "$PYTHON" -m pip install --no-build-isolation \
+      --no-deps -v -e .
     if compgen -G "$CARRY/wheels/*.whl" >/dev/null; then
       run peers 120 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile \
         --no-cache-dir --upgrade --target /tmp/imc_site "$CARRY"/wheels/*.whl
