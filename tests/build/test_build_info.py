@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import imc_kernels
@@ -44,24 +45,25 @@ def test_keys_and_values():
     json.dumps(info)  # serializable for the report
 
 
-def test_cpu_gemm(monkeypatch):
-    monkeypatch.setenv("IMC_CPU_GEMM", "torch")
-    assert imc_kernels.build_info()["cpu_gemm"] == "torch"
-    monkeypatch.setenv("IMC_CPU_GEMM", "blas")
-    assert imc_kernels.build_info()["cpu_gemm"].startswith("invalid")
-    monkeypatch.delenv("IMC_CPU_GEMM")
+def _default_cpu_gemm():
     loaded = _ext.load().module is not None
-    expected = "onednn" if loaded and torch.ops.imc_kernels.gemm_uses_onednn() else "torch"
-    assert imc_kernels.build_info()["cpu_gemm"] == expected
+    return "onednn" if loaded and torch.ops.imc_kernels.gemm_uses_onednn() else "torch"
 
 
-def test_forced_backend(monkeypatch):
-    monkeypatch.setenv("IMC_KERNELS_BACKEND", "reference")
-    assert imc_kernels.build_info()["forced_backend"] == "reference"
-    monkeypatch.setenv("IMC_KERNELS_BACKEND", "nonsense")
-    assert imc_kernels.build_info()["forced_backend"].startswith("invalid")
-    monkeypatch.delenv("IMC_KERNELS_BACKEND")
-    assert imc_kernels.build_info()["forced_backend"] is None
+@pytest.mark.parametrize(
+    "key, variable, value, invalid, default",
+    [
+        ("cpu_gemm", "IMC_CPU_GEMM", "torch", "blas", _default_cpu_gemm),
+        ("forced_backend", "IMC_KERNELS_BACKEND", "reference", "nonsense", lambda: None),
+    ],
+)
+def test_environment_variables_are_reported(monkeypatch, key, variable, value, invalid, default):
+    monkeypatch.setenv(variable, value)
+    assert imc_kernels.build_info()[key] == value
+    monkeypatch.setenv(variable, invalid)
+    assert imc_kernels.build_info()[key].startswith("invalid")
+    monkeypatch.delenv(variable)
+    assert imc_kernels.build_info()[key] == default()
 
 
 def test_triton_mode_follows_interpreter_flag(monkeypatch):
