@@ -175,7 +175,9 @@ def gemm(
     (``benchmarks/results/cpu-gemm.md``). Other dtypes and devices, and a torch without
     oneDNN, use ``torch.mm`` / ``addmm_`` (the twin in ``imc_kernels/reference/gemm.py``).
     ``IMC_CPU_GEMM=torch`` keeps torch's GEMM everywhere (``onednn``, the default, is the
-    other value). Results agree with ``torch.mm`` to float32 rounding, not bitwise. Operands
+    other value); products under :data:`ONEDNN_MIN_FLOPS` stay on torch's GEMM, where
+    oneDNN's per-call setup costs more than it saves. Results agree with ``torch.mm`` to
+    float32 rounding, not bitwise. Operands
     that require grad (with grad mode on) also take torch's GEMM, so autograd sees the product.
 
     Forcing the ``reference`` backend for the ``"gemm"`` family (``IMC_KERNELS_BACKEND=reference``
@@ -205,8 +207,9 @@ def gemm(
     if (
         a.device.type == "cpu"
         and a.dtype == torch.float32
+        and _cpu_gemm() == "onednn"  # first: it also validates IMC_CPU_GEMM
+        and 2 * a.shape[0] * a.shape[1] * b.shape[1] >= ONEDNN_MIN_FLOPS
         and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
-        and _cpu_gemm() == "onednn"
         and (_dispatch._forced_for("gemm") or ("",))[0] != "reference"
     ):
         if out is None:
@@ -217,6 +220,11 @@ def gemm(
 
 
 CPU_GEMM_ENV = "IMC_CPU_GEMM"
+
+#: Products below this many flops stay on torch's GEMM: oneDNN's per-call setup (~12 us)
+#: outweighs its faster kernels there (the threshold and its measurements:
+#: ``csrc/gemm/gemm_cpu.cpp``).
+ONEDNN_MIN_FLOPS = 1024 * 1024
 
 
 def _cpu_gemm() -> str:

@@ -104,11 +104,27 @@ def test_float32_cpu_runs_through_onednn_by_default(monkeypatch):
     assert ops._cpu_gemm() == "onednn"
     calls = []
     monkeypatch.setattr(ref, "gemm", lambda *args, **kwargs: calls.append(args))
-    a, b, c = _operands(30, 20, 10, torch.float32)
+    a, b, c = _operands(256, 128, 64, torch.float32)  # 4.2 MFLOP, over ONEDNN_MIN_FLOPS
     ops.gemm(a, b, out=c)
     assert calls == []  # float32 on the CPU never reaches torch's GEMM
     ops.gemm(a.double(), b.double(), out=c.double())
     assert len(calls) == 1  # float64 does
+    small = _operands(64, 32, 16, torch.float32)  # 66 kFLOP, under ONEDNN_MIN_FLOPS
+    ops.gemm(small[0], small[1], out=small[2])
+    assert len(calls) == 2  # and so does a small product
+
+
+@needs_onednn
+def test_raw_op_keeps_small_products_on_torch():
+    a, b, c = _operands(64, 32, 16, torch.float32)
+    out = c.clone()
+    torch.ops.imc_kernels.gemm_out(a, b, 1.0, out)
+    assert torch.equal(out, c.clone().addmm_(a, b))  # at::addmm_out, bit for bit
+    a, b, c = _operands(300, 200, 100, torch.float32)
+    out = c.clone()
+    torch.ops.imc_kernels.gemm_out(a, b, 1.0, out)
+    assert not torch.equal(out, c.clone().addmm_(a, b))  # oneDNN: other rounding
+    _assert_within_gemm_bound(out, a, b, c, 1.0)
 
 
 def test_environment_selects_torch_gemm(monkeypatch):
