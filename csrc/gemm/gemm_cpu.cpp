@@ -124,8 +124,6 @@ bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
   return a_begin < b_end && b_begin < a_end;
 }
 
-// oneDNN reads row-major or transposed (column-major) operands in place; other strides make
-// mkldnn_matmul copy them first, which still beats MKL for the shapes we call it with.
 // Below 1 MFLOP oneDNN's per-call setup (descriptors, primitive cache lookup: ~12 us) costs
 // more than its faster kernels save (one Zen 5 core: 64x32x16 12.8 against 1.8 us for MKL,
 // 256x64x32 16.5 against 11.6 us). From about 1 MFLOP on it is even or ahead (1024x50x10
@@ -133,6 +131,8 @@ bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
 // badly (1024x100x10 28 against 101 us).
 constexpr double kOneDnnMinFlops = 1024.0 * 1024;
 
+// oneDNN reads row-major or transposed (column-major) operands in place; other strides make
+// mkldnn_matmul copy them first, which still beats MKL for the shapes we call it with.
 bool onednn_eligible(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
   if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat ||
       out.scalar_type() != at::kFloat) {
