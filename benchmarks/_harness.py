@@ -165,6 +165,31 @@ def measure(
     return Measurement.of(times)
 
 
+def measure_interleaved(
+    calls: dict[str, tuple[Callable[..., object], Callable[[], tuple]]],
+    rounds: int,
+    sync: Callable[[], None] | torch.device | str | None = None,
+) -> dict[str, Measurement]:
+    """Time ``{name: (fn, setup)}`` in ``rounds`` rounds of one call each, after one warm-up
+    call each (which also compiles Triton kernels): a load change on a shared machine hits
+    every method alike. ``setup`` returns one call's arguments (``tuple`` for none), untimed.
+
+    Returns:
+        ``{name: Measurement}`` of the ``rounds`` timed calls of each.
+    """
+    if not callable(sync):
+        sync = synchronizer(sync)
+    for fn, setup in calls.values():
+        fn(*setup())
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, (fn, setup) in calls.items():
+            measured = measure(fn, warmup=0, min_repeats=1, max_repeats=1, setup=setup, sync=sync)
+            times[name].extend(measured.times)
+    return {name: Measurement.of(values) for name, values in times.items()}
+
+
 # --------------------------------------------------------------------------------------
 # Devices and run metadata
 

@@ -94,20 +94,14 @@ def run_product(name, spec, group, rounds, gen) -> dict:
     exact = a.double() @ b.double()
     out_torch, out_ours = torch.empty(m, n), torch.empty(m, n)
     calls = {
-        "torch": lambda: torch.mm(a, b, out=out_torch),
-        "ours": lambda: ops.gemm(a, b, out=out_ours),
+        "torch": (lambda: torch.mm(a, b, out=out_torch), tuple),
+        "ours": (lambda: ops.gemm(a, b, out=out_ours), tuple),
     }
-    for fn in calls.values():
-        fn()
-    errors = {
+    measured = harness.measure_interleaved(calls, rounds)
+    errors = {  # of the last timed call's output
         key: float(harness.relative_error(out, exact))
         for key, out in (("torch", out_torch), ("ours", out_ours))
     }
-    times: dict[str, list[float]] = {key: [] for key in calls}
-    for _ in range(rounds):
-        for key, fn in calls.items():
-            times[key].extend(harness.measure(fn, warmup=0, min_repeats=1, max_repeats=1).times)
-    measured = {key: harness.Measurement.of(values) for key, values in times.items()}
     flops = 2.0 * m * k * n
     return {
         "group": group,

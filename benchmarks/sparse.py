@@ -75,24 +75,6 @@ def _defaults(device: torch.device, quick: bool) -> dict:
     return dict(size=2048, rows=1024, rounds=9)
 
 
-def interleaved(
-    calls: dict[str, tuple[Callable, Callable]], rounds: int, sync
-) -> dict[str, harness.Measurement]:
-    """Time ``{name: (fn, setup)}`` in ``rounds`` rounds of one call each, after one warm-up
-    call each (which also compiles Triton kernels)."""
-    for fn, setup in calls.values():
-        fn(*setup())
-    sync()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, (fn, setup) in calls.items():
-            measured = harness.measure(
-                fn, warmup=0, min_repeats=1, max_repeats=1, setup=setup, sync=sync
-            )
-            times[name].extend(measured.times)
-    return {name: harness.Measurement.of(values) for name, values in times.items()}
-
-
 def _gain(ours: harness.Measurement, baseline: harness.Measurement) -> bool:
     return baseline.median / ours.median >= GAIN and ours.p80 < baseline.p20
 
@@ -199,7 +181,7 @@ def run_linear(args, settings: dict, device: torch.device, report: dict, sync) -
             f"  {sparsity:.0%} block sparsity: timing {len(calls)} calls x {settings['rounds']}",
             flush=True,
         )
-        times = interleaved(calls, settings["rounds"], sync)
+        times = harness.measure_interleaved(calls, settings["rounds"], sync)
         for (method, direction), measured in times.items():
             baseline = times[("masked_dense", direction)]
             density = 1.0 if method == "dense" else layout.density
@@ -259,7 +241,7 @@ def run_semi_structured(args, settings: dict, device: torch.device, report: dict
     for method, forward in (("masked_dense", masked_dense), ("semi_structured", semi_structured)):
         for direction, (fn, setup) in _step_fns(forward, problem).items():
             calls[(method, direction)] = (fn, setup)
-    times = interleaved(calls, settings["rounds"], sync)
+    times = harness.measure_interleaved(calls, settings["rounds"], sync)
     for (method, direction), measured in times.items():
         baseline = times[("masked_dense", direction)]
         report["linear"].append(
@@ -382,7 +364,7 @@ def run_optimizer(args, settings: dict, device: torch.device, report: dict, sync
         )
         backend = ops._masked_optim_backend(fused.param)
         print(f"  {name}: timing fused ({backend}) and unfused x {settings['rounds']}", flush=True)
-        times = interleaved(
+        times = harness.measure_interleaved(
             {
                 "unfused_torch": (unfused, unfused.fresh_gradients),
                 "fused": (fused, fused.fresh_gradients),
