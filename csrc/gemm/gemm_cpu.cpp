@@ -3,8 +3,9 @@
 // Why: torch's CPU `mm` for float32 calls MKL's sgemm, which on AMD processors takes its AVX2
 // code path even where the CPU has AVX-512. oneDNN, which torch links for its convolutions,
 // picks its kernels from the CPU's feature flags. On the Zen 5 machines we develop on, oneDNN
-// runs the fused HVP engine's GEMM shapes at 2.1-2.3x MKL's rate (notes in
-// benchmarks/results/cpu-gemm.md). On Intel CPUs both use AVX-512.
+// ran the fused HVP engine's and the solver's GEMM shapes at 2.15x MKL's rate (median of 24
+// shapes, 1.3-3.5x; benchmarks/gemm.py, benchmarks/results/cpu-amd-epyc-2c-gemm*.md). On Intel
+// CPUs MKL takes its AVX-512 path too (not measured here).
 //
 // How: torch does not route float32 `mm` to oneDNN (only reduced-precision modes), and does not
 // ship the oneDNN headers' symbols for extensions, but libtorch exports the ATen function it

@@ -171,8 +171,9 @@ def gemm(
     The fused HVP engine's matrix products go through here. On the CPU, float32 runs through
     the C++ op ``imc_kernels::gemm_out``, which calls the oneDNN matmul inside libtorch rather
     than MKL's sgemm (torch's choice for float32 ``mm``): on AMD processors MKL takes its AVX2
-    path, and oneDNN's AVX-512 kernels run 2.1-2.3 times faster on the engine's shapes
-    (``benchmarks/results/cpu-gemm.md``). Other dtypes and devices, and a torch without
+    path, and oneDNN's AVX-512 kernels ran the engine's and the solver's shapes 2.15 times
+    faster (median of 24 shapes, 1.3-3.5x; ``benchmarks/gemm.py``, results in
+    ``benchmarks/results/cpu-amd-epyc-2c-gemm*.md``). Other dtypes and devices, and a torch without
     oneDNN, use ``torch.mm`` / ``addmm_`` (the twin in ``imc_kernels/reference/gemm.py``).
     ``IMC_CPU_GEMM=torch`` keeps torch's GEMM everywhere (``onednn``, the default, is the
     other value); products under :data:`ONEDNN_MIN_FLOPS` stay on torch's GEMM, where
