@@ -35,6 +35,14 @@ SHAPES = [
     (100003, 128, 16),
     (100003, 33, 1),
     (100003, 70, 1),
+    # The skinny kernel (2-8 columns on one side, padded to 2, 4 or 8): rows in blocks of 8
+    # plus a remainder, full 8-column vectors plus a tail (4: its own load; others: scalar).
+    (100003, 124, 4),
+    (4099, 37, 2),
+    (1000, 4, 4),
+    (4097, 8, 8),
+    (4097, 5, 200),
+    (10, 3, 6),
 ]
 DTYPES = [torch.float32, torch.float64]
 
@@ -117,8 +125,9 @@ def test_same_inputs_same_bits(n, m, b, device):
 
 
 @needs_extension
-# (70, 1) and (1, 70): the narrow single-column kernel, one full column group plus a tail.
-@pytest.mark.parametrize("m,b", [(64, 8), (70, 1), (1, 70)])
+# (70, 1) and (1, 70): the narrow single-column kernel, one full column group plus a tail;
+# (124, 4) and (6, 37): the skinny kernel, either way round.
+@pytest.mark.parametrize("m,b", [(64, 8), (70, 1), (1, 70), (124, 4), (6, 37)])
 def test_bits_do_not_depend_on_thread_count(m, b):
     x, y = _inputs(100003, m, b, torch.float32, seed=4)
     threads = torch.get_num_threads()
