@@ -160,6 +160,52 @@ def _wanted_order(theta: np.ndarray, which: str) -> np.ndarray:
     return np.lexsort((-theta, -np.abs(theta)))
 
 
+# Rows per chunk of the in-place basis rotations at restarts (CPU): the chunk's product
+# (8192 x 64 floats, 2 MiB) is written back while it is still in cache.
+_ROTATION_CHUNK = 8192
+
+
+def _rotate_in_place(view: torch.Tensor, s: torch.Tensor, *, gram: bool) -> torch.Tensor | None:
+    """``view[:, :k] = view @ s`` in place, chunk by chunk; optionally the result's Gram.
+
+    ``view`` is ``(n, m)``, row-major or column-major (a leading-column slice of the basis
+    buffer, or the transposed stored products); ``s`` is ``(m, k)`` with ``k <= m``. Each chunk
+    of rows is multiplied into a small buffer and written back: the chunk's inputs are read
+    before its outputs are written and chunks are disjoint, so no ``(n, k)`` temporary is
+    needed. A fresh ``(n, k)`` result costs its page faults (68 MB for the MLP at k = 64:
+    ~40 ms on the CPU), and the transposed products a transposing copy on top. With ``gram``,
+    the float64 ``Y^T Y`` of ``Y = view @ s`` (summed over chunks in order, deterministic)
+    is returned, read from the chunks while they are in cache. On a GPU one chunk (the whole
+    view): memory is not the constraint there, launches are.
+    """
+    n, m = view.shape
+    k = s.shape[1]
+    chunk = n if view.device.type != "cpu" else _ROTATION_CHUNK
+    column_major = view.stride(0) == 1 and view.stride(1) != 1
+    total = torch.zeros(k, k, dtype=torch.float64, device=view.device) if gram else None
+    if column_major:
+        rows = view.T  # (m, n), contiguous rows: products over column chunks
+        s_t = s.T.contiguous()
+        buffer = torch.empty(k, min(chunk, n), dtype=view.dtype, device=view.device)
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            out = buffer[:, : stop - start]
+            gemm(s_t, rows[:, start:stop], out=out)
+            rows[:k, start:stop] = out
+            if total is not None:
+                total += xty(out.T, out.T)
+    else:
+        buffer = torch.empty(min(chunk, n), k, dtype=view.dtype, device=view.device)
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            out = buffer[: stop - start]
+            gemm(view[start:stop], s, out=out)
+            view[start:stop, :k] = out
+            if total is not None:
+                total += xty(out, out)
+    return total
+
+
 class _Operator:
     """Uniform ``(dim, b) -> (dim, b)`` block product over the accepted operator types."""
 
@@ -624,11 +670,12 @@ class _BlockKrylovSchur:
         s_keep = self._ritz_vectors(s_active, columns)
         device, dtype = self.basis.device, self.basis.dtype
         s_keep_dev = s_keep.to(device=device, dtype=dtype)
-        # Basis-sized products through ops.gemm: oneDNN on the CPU, 1.8-4x torch.mm here.
-        ritz = gemm(self.basis[:, :m], s_keep_dev)
-        ritz_products = None
+        # Basis-sized products through ops.gemm (oneDNN on the CPU), in place over the first
+        # n_keep columns: Y = V S, and (H V) S beside it.
+        basis_view = self.basis[:, :m]
+        gram = _rotate_in_place(basis_view, s_keep_dev, gram=True).cpu()
         if self.products_t is not None:
-            ritz_products = gemm(self.products_t[:m].T, s_keep_dev)
+            _rotate_in_place(self.products_t[:m].T, s_keep_dev, gram=False)
         # T of the new basis: diag(theta_kept), coupled to the pending block by B_last S_last.
         kept_t = torch.diag(torch.from_numpy(theta[columns]))
         arrow = coupling @ s_keep[m - b :, :]
@@ -639,23 +686,19 @@ class _BlockKrylovSchur:
         # Y' = Y R^{-1} gives H Y' = Y' (R T R^{-1}) + Q (A R^{-1}), whose diagonal is still
         # theta (R is triangular). (R^{-T} T R^{-1}, the projection view, would rescale each
         # theta by 1/||y||^2 and drift the locked values by ~1e-7 per restart in fp32.)
-        gram = xty(ritz, ritz).cpu()
         eye = torch.eye(n_keep, dtype=torch.float64)
         if float((gram - eye).abs().max()) > 2 * torch.finfo(dtype).eps:
             factor, info = torch.linalg.cholesky_ex(gram, upper=True)
             if int(info) == 0:
                 factor_inv = torch.linalg.solve_triangular(factor, eye, upper=True)
                 factor_inv_dev = factor_inv.to(device=device, dtype=dtype)
-                ritz = gemm(ritz, factor_inv_dev)
-                if ritz_products is not None:
-                    ritz_products = gemm(ritz_products, factor_inv_dev)
+                _rotate_in_place(self.basis[:, :n_keep], factor_inv_dev, gram=False)
+                if self.products_t is not None:
+                    _rotate_in_place(self.products_t[:n_keep].T, factor_inv_dev, gram=False)
                 kept_t = factor @ kept_t @ factor_inv
                 kept_t = 0.5 * (kept_t + kept_t.T)
                 arrow = arrow @ factor_inv
         pending = self.basis[:, m : m + b].clone()
-        self.basis[:, :n_keep] = ritz
-        if ritz_products is not None:
-            self.products_t[:n_keep] = ritz_products.T
         if verify:
             pending = random_orthonormal_block(self.basis[:, :n_keep], b, self.generator)
         self.basis[:, n_keep : n_keep + b] = pending
@@ -766,8 +809,7 @@ class _BlockKrylovSchur:
         vectors = gemm(self.basis[:, : self.filled], s)
         values = torch.from_numpy(theta[wanted].copy())
         if self.products_t is not None:
-            products = gemm(self.products_t[: self.filled].T, s)
-            residuals = _stored_residuals(products, vectors, values)
+            residuals = _stored_residuals(self.products_t[: self.filled], s, vectors, values)
         else:
             residuals = _true_residuals(op, vectors, values, self)
         scale = self.h_norm if self.h_norm > 0 else 1.0
@@ -786,7 +828,7 @@ class _BlockKrylovSchur:
         )
 
 
-def _stored_residuals(products, vectors, values) -> torch.Tensor:
+def _stored_residuals(products_t, s, vectors, values) -> torch.Tensor:
     """``||(H V) s_i - theta_i V s_i||`` (float64, CPU) from the stored products ``H V``.
 
     The same quantity as :func:`_true_residuals` without the matvecs: ``H y = H (V s)`` is
@@ -795,9 +837,25 @@ def _stored_residuals(products, vectors, values) -> torch.Tensor:
     inconsistent operator still shows. The two differ by rounding: forming ``(H V) s`` in the
     working dtype adds ~``u sqrt(m) ||H||`` (2e-7 relative in float32 for ``m`` = 100), as
     far below the default ``tol`` as the rounding of a fresh product.
+
+    ``products_t`` is the ``(m, n)`` transposed store; ``(H V) s`` is formed a chunk of
+    columns at a time (see :func:`_rotate_in_place`) and never held whole.
     """
-    products -= vectors * values.to(device=vectors.device, dtype=vectors.dtype)
-    return torch.linalg.vector_norm(products, dim=0, dtype=torch.float64).cpu()
+    n = products_t.shape[1]
+    k = s.shape[1]
+    device, dtype = vectors.device, vectors.dtype
+    chunk = n if device.type != "cpu" else _ROTATION_CHUNK
+    s_t = s.T.contiguous()
+    scale = values.to(device=device, dtype=dtype).view(k, 1)
+    squares = torch.zeros(k, dtype=torch.float64, device=device)
+    buffer = torch.empty(k, min(chunk, n), dtype=dtype, device=device)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        out = buffer[:, : stop - start]
+        gemm(s_t, products_t[:, start:stop], out=out)
+        out -= vectors[start:stop].T * scale
+        squares += torch.linalg.vector_norm(out, dim=1, dtype=torch.float64).square()
+    return squares.sqrt().cpu()
 
 
 def _true_residuals(op: _Operator, vectors, values, state) -> torch.Tensor:

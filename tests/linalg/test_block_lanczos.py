@@ -605,3 +605,52 @@ def test_cuda_same_bits_and_no_sync_in_expand_block(problem):
         expand_block(storage, projected, 3, product)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("layout", ["row_major_slice", "column_major"])
+@pytest.mark.parametrize("chunk", [7, 8192])
+def test_rotate_in_place_matches_the_out_of_place_product(monkeypatch, layout, chunk):
+    # Restarts rotate the basis and the stored products in place, a chunk of rows at a time;
+    # the result must be the product of the old contents, whatever the chunking and layout,
+    # the Gram must be that of the stored result, and nothing outside [:, :k] may change.
+    monkeypatch.setattr(bl_module, "_ROTATION_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(5)
+    n, m, k, width = 1001, 9, 5, 13
+    if layout == "row_major_slice":
+        buffer = torch.randn(n, width, generator=gen)
+        view = buffer[:, :m]
+    else:
+        buffer = torch.randn(width, n, generator=gen)
+        view = buffer[:m].T
+    before = buffer.clone()
+    old = view.double().clone()
+    s = torch.randn(m, k, generator=gen)
+    gram = bl_module._rotate_in_place(view, s, gram=True)
+    expected = old @ s.double()
+    # fp32 GEMM of length m: within gamma_m |V| |S| of the exact product.
+    bound = 2 * m * torch.finfo(torch.float32).eps * (old.abs() @ s.double().abs())
+    assert ((view[:, :k].double() - expected).abs() <= bound).all()
+    stored = view[:, :k].double()
+    assert torch.allclose(gram, stored.T @ stored, rtol=1e-12, atol=0.0)
+    untouched = torch.ones_like(buffer, dtype=torch.bool)
+    if layout == "row_major_slice":
+        untouched[:, :k] = False
+    else:
+        untouched[:k] = False
+    assert torch.equal(buffer[untouched], before[untouched])
+
+
+def test_restarts_with_small_rotation_chunks_agree(monkeypatch, problem):
+    # Many restarts with chunks far smaller than n (and not dividing it): the same answer
+    # as the default single-chunk rotation at this size, to fp32 rounding.
+    matrix, eigenvalues, _ = problem
+    options = dict(which="SA", block_size=2, basis_size=12, tol=1e-5)
+    whole = block_lanczos(matrix.float(), DIM, 4, **options)
+    monkeypatch.setattr(bl_module, "_ROTATION_CHUNK", 10)
+    chunked = block_lanczos(matrix.float(), DIM, 4, **options)
+    assert whole.restarts >= 3 and chunked.all_converged
+    scale = eigenvalues.abs().max()
+    assert (chunked.eigenvalues - whole.eigenvalues).abs().max() <= 1e-5 * scale
+    assert (chunked.residuals - whole.residuals).abs().max() <= 1e-5
+    vectors = chunked.eigenvectors.double()
+    assert (vectors.T @ vectors - torch.eye(4, dtype=torch.float64)).abs().max() <= 1e-6
