@@ -72,15 +72,16 @@ void tsmm_check_inputs(const at::Tensor& x, const at::Tensor& y, c10::DeviceType
 // are 1..64 columns; the basis width (`filled`) has no limit.
 constexpr int64_t kBlockOrthMaxBlock = 512;
 
-namespace {
-
 // True when element (r, c) of `t` sits at r * stride(0) + c: the layout the kernels and the
 // BLAS calls of block_orth_step read and write without copies (any row stride, unit column
-// stride). Views of leading or middle columns of a row-major buffer qualify.
+// stride), and that the CPU tsmm_xty reads in place. Views of leading or middle columns of a
+// row-major buffer qualify.
 bool rows_addressable(const at::Tensor& t) {
   return t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1) &&
          (t.size(0) <= 1 || t.stride(0) >= std::max<int64_t>(t.size(1), 1));
 }
+
+namespace {
 
 void check_rows_addressable(const at::Tensor& t, const char* name) {
   TORCH_CHECK(rows_addressable(t), "imc_kernels::block_orth_step needs `", name,

@@ -34,6 +34,7 @@ namespace imc_kernels {
 
 // Defined in csrc/imc_ops.cpp beside the schema.
 void tsmm_check_inputs(const at::Tensor& x, const at::Tensor& y, c10::DeviceType device_type);
+bool rows_addressable(const at::Tensor& t);
 
 namespace tsmm_cpu {
 
@@ -551,12 +552,16 @@ at::Tensor tsmm_xty_cpu(const at::Tensor& x, const at::Tensor& y) {
   if (n == 0 || m == 0 || b == 0) {
     return at::zeros({m, b}, x.options().dtype(at::kDouble));
   }
-  const at::Tensor x_contiguous = x.contiguous();
-  const at::Tensor y_contiguous = y.contiguous();
+  // Column slices of a row-major buffer (the Lanczos basis) are read in place through their
+  // row stride; other layouts are copied first.
+  const at::Tensor x_rows = rows_addressable(x) ? x : x.contiguous();
+  const at::Tensor y_rows = rows_addressable(y) ? y : y.contiguous();
+  const int64_t ldx = n > 1 ? x_rows.stride(0) : m;
+  const int64_t ldy = n > 1 ? y_rows.stride(0) : b;
   at::Tensor out = at::empty({m, b}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "imc_kernels::tsmm_xty (CPU)", [&] {
-    tsmm_cpu::tsmm_xty_best_order<scalar_t>(x_contiguous.const_data_ptr<scalar_t>(), m,
-                                            y_contiguous.const_data_ptr<scalar_t>(), b, n, m, b,
+    tsmm_cpu::tsmm_xty_best_order<scalar_t>(x_rows.const_data_ptr<scalar_t>(), ldx,
+                                            y_rows.const_data_ptr<scalar_t>(), ldy, n, m, b,
                                             out.mutable_data_ptr<double>(), b);
   });
   return out;

@@ -39,9 +39,9 @@ from imc_kernels.reference import block_orth as _block_orth
 
 # tsmm_xty takes at most this many columns per operand; wider operands are split.
 _TSMM_MAX_COLUMNS = 512
-# On CPU, x^T y with m * b at most this (and both at most 8 columns) is upcast to float64
-# and multiplied by LAPACK rather than by the op (see xty).
-_UPCAST_MAX_PRODUCT = 8
+# On CPU, x^T y with both operands at most this many columns wide is upcast to float64 and
+# multiplied by LAPACK rather than by the op (see xty).
+_UPCAST_MAX_COLUMNS = 3
 
 
 class RankInfo(NamedTuple):
@@ -155,15 +155,19 @@ def xty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # the norm reduction casts to float64 as it reads (fp64 products and sums, as below)
         # without the two upcast copies: 0.08 against 1.07 ms at n = 266,610, one thread.
         return torch.linalg.vector_norm(x, dtype=torch.float64).square().view(1, 1)
-    if x.device.type == "cpu" and m * b <= _UPCAST_MAX_PRODUCT and max(m, b) <= 8:
-        # The op's CPU micro-kernel pads both operands to 4 x 8 columns and has a fixed
-        # cost of ~2.5 ms at n = 266,610 on one core, whatever the width; for these widths
-        # the upcast copies are smaller than that (measured, 1 thread: 1 x 1 0.5 ms against
-        # 3.1 ms, 2 x 1 0.6 against 3.1, 8 x 1 2.3 against 3.0; 4 x 4 loses, 3.2 against
-        # 2.6). Same arithmetic: fp32 values, fp64 products and sums (the op's reference).
+    if x.device.type == "cpu" and max(m, b) <= _UPCAST_MAX_COLUMNS:
+        # Below four columns a side the op's kernels have a fixed cost of ~0.6 ms (one
+        # column) to ~1.8 ms (2-3 columns each) at n = 266,610 on one core, and the upcast
+        # copies cost less (1 x 1 0.35, 2 x 1 0.40, 2 x 2 0.8-1.0, 3 x 3 1.1 ms; from 4 x 2
+        # on the op wins: 0.57 against 1.4 ms). Same arithmetic: fp32 values, fp64 products
+        # and sums (the op's reference).
         return x.to(torch.float64).T @ y.to(torch.float64)
     if x.device.type == "cpu" and x.stride(0) == 1 and x.stride(1) >= x.shape[0] and m > 1:
         return _xty_column_major(x, y)
+    if x.device.type == "cpu" and m <= _TSMM_MAX_COLUMNS and b <= _TSMM_MAX_COLUMNS:
+        # The CPU op reads column slices of a row-major buffer in place (through the row
+        # stride) and picks the operand order itself.
+        return ops.tsmm_xty(x, y)
     wide = _row_major_parent(x)
     source = x if wide is None else wide
     if source.shape[1] <= _TSMM_MAX_COLUMNS and b <= _TSMM_MAX_COLUMNS:
