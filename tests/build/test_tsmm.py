@@ -134,6 +134,21 @@ def test_column_slices_of_a_wider_buffer(dtype, n, device):
 
 
 @needs_extension
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,m", [(1, 3), (7, 2), (4097, 9), (100003, 31)])
+def test_column_major_x_against_one_column(dtype, n, m, device):
+    # Single-vector Lanczos stores its basis transposed: x's columns are contiguous rows of a
+    # wider buffer. The CPU kernel dots them in place (groups of 8 columns plus the rest,
+    # 8-wide vectors plus a tail); the result must match the oracle on copies.
+    gen = torch.Generator().manual_seed(7)
+    storage = torch.randn(m + 3, n + 5, generator=gen, dtype=dtype).to(device)
+    x = storage[:m, 2 : n + 2].T  # (n, m), stride (1, n + 5)
+    y = torch.randn(n, 1, generator=gen, dtype=dtype).to(device)
+    out = torch.ops.imc_kernels.tsmm_xty(x, y)
+    _assert_matches_oracle(out, x.contiguous(), y)
+
+
+@needs_extension
 @pytest.mark.parametrize("n,m,b", [(100003, 128, 16), (4097, 33, 3)])
 def test_same_inputs_same_bits(n, m, b, device):
     x, y = _inputs(n, m, b, torch.float32, device, seed=3)
@@ -145,9 +160,12 @@ def test_same_inputs_same_bits(n, m, b, device):
 @needs_extension
 # (70, 1) and (1, 70): the narrow single-column kernel, one full column group plus a tail;
 # (124, 4) and (6, 37): the skinny kernel, either way round.
-@pytest.mark.parametrize("m,b", [(64, 8), (70, 1), (1, 70), (124, 4), (6, 37)])
+@pytest.mark.parametrize("m,b", [(64, 8), (70, 1), (1, 70), (124, 4), (6, 37), (21, -1)])
 def test_bits_do_not_depend_on_thread_count(m, b):
-    x, y = _inputs(100003, m, b, torch.float32, seed=4)
+    # b = -1: a column-major x against one column (the transposed single-vector basis).
+    x, y = _inputs(100003, m, abs(b), torch.float32, seed=4)
+    if b < 0:
+        x = x.T.contiguous().T
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
