@@ -283,6 +283,7 @@ def expand_block(
     local_start: int | None = None,
     second_projection: str = "always",
     local: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    q_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One block Lanczos step, written into preallocated storage.
 
@@ -322,6 +323,11 @@ def expand_block(
             in order (a strided slice of the basis costs a gather); each is projected out in
             turn. The blocks are orthonormal and mutually orthogonal, so this equals one
             projection against all of them up to rounding.
+        q_out: optional contiguous ``(n, b)`` buffer that receives ``Q_{j+1}`` (or the raw
+            residual) first; it is then copied into the basis slot. A contiguous copy of the
+            next block for the next product, at the price of a scatter into the slot rather
+            than a gather from it (1.1 against 2.2 ms at n = 266,610, b = 4, one thread).
+            It may be one of the ``local`` blocks: it is written after the local pass.
 
     Returns:
         ``(2,)`` bool device tensor ``[non_finite, deficient]``.
@@ -344,7 +350,7 @@ def expand_block(
         basis[:, :end],
         product,
         tau=tau,
-        out=slot,
+        out=slot if q_out is None else q_out,
         work=work,
         prior_norms_sq=prior,
         second_projection=second_projection,
@@ -356,6 +362,8 @@ def expand_block(
         coeffs[local_start:end] += local_coeffs
         non_finite = non_finite | ~torch.isfinite(local_coeffs).all()
     deficient = info.deficient & ~non_finite
+    if q_out is not None:
+        slot.copy_(q_out)
     if n_locked:
         coeffs[:n_locked] = 0.0
     projected[:end, start:end] = coeffs
@@ -425,6 +433,9 @@ class _BlockKrylovSchur:
         self.block_in = torch.empty(n, b, dtype=dtype, device=device)
         self.block_prev = torch.empty(n, b, dtype=dtype, device=device) if self.adaptive else None
         self.local_ready = False
+        # Adaptive mode: each step writes Q_{j+1} to a contiguous buffer first (the next
+        # product's input) and copies it into the basis; `next_ready` says block_in holds it.
+        self.next_ready = False
         self.work = torch.empty(n, b, dtype=dtype, device=device)
         self.filled = 0  # columns in the Rayleigh-Ritz subspace; pending block follows
         self.n_locked = 0
@@ -448,7 +459,9 @@ class _BlockKrylovSchur:
     # ---- products and steps -------------------------------------------------------------
 
     def _product(self, block: torch.Tensor) -> torch.Tensor:
-        self.block_in.copy_(block)
+        if not self.next_ready:
+            self.block_in.copy_(block)
+        self.next_ready = False
         product = self.op(self.block_in)
         self.n_matvecs += block.shape[1]
         if self.pbar is not None:
@@ -486,6 +499,7 @@ class _BlockKrylovSchur:
         """
         b, tau = self.b, self.tau
         self.local_ready = False
+        self.next_ready = False
         end = start + b
         basis, projected = self.basis[:, :end], self.projected
         residual = self.basis[:, end : end + b].clone()
@@ -526,6 +540,7 @@ class _BlockKrylovSchur:
         """Forget the blocks expanded past ``filled`` (rolled back)."""
         b = self.b
         self.local_ready = False
+        self.next_ready = False
         self.projected[:, filled:] = 0.0
         self.projected[filled + b :, :] = 0.0
 
@@ -586,10 +601,13 @@ class _BlockKrylovSchur:
                     local_start=local_start,
                     second_projection="auto" if self.adaptive else "always",
                     local=local,
+                    q_out=self.block_prev if self.adaptive else None,
                 )
                 if self.adaptive:
+                    # block_prev now holds Q_{j+1}: it is the next input, block_in the previous.
                     self.block_prev, self.block_in = self.block_in, self.block_prev
                     self.local_ready = True
+                    self.next_ready = True
                 self.filled += b
                 index = self.block_in_cycle
                 self.block_in_cycle += 1
@@ -745,6 +763,7 @@ class _BlockKrylovSchur:
         self.filled = n_keep
         self.restarts += 1
         self.local_ready = False
+        self.next_ready = False
 
     def run(self) -> LanczosResult:
         op, b, k = self.op, self.b, self.k
