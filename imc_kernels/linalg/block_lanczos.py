@@ -992,14 +992,15 @@ def default_block_size(k: int, device: torch.device | str = "cpu") -> int:
     b = 1, 20 ms at b = 8), so what counts is the number of products, and single-vector
     Lanczos needs the fewest: 25 for k = 10 on the trained MLP against 38 at b = 2, 56 at
     b = 4 and 100 at b = 10 (tol 1e-4, checking every block). Beyond k = 16 the full
-    reorthogonalization against a basis of several k columns costs more than a product on a
-    CPU (k = 32 on the trained MLP, 266,610 weights, one thread: 33 ms per orthogonalization
-    step against 16 ms per product), so small blocks share it. Measured at k = 32, tol 1e-4,
-    one thread, each block at its default basis size (products / seconds): MLP b = 8:
-    320 / 8.6 s, b = 4: 264 / 8.6 s, b = 2: 222 / 9.0 s, b = 1: 213 / 35 s; small CNN
-    (20,490 weights, product-bound): b = 8: 216 / 18.3 s, b = 4: 180 / 14.8 s, b = 2:
-    172 / 14.0 s. Blocks of 4 need close to the fewest products at the solver cost of the
-    widest block, up to k = 64; 16 beyond.
+    reorthogonalization against a basis of several k columns costs about as much as a product
+    on a CPU (k = 32 on the trained MLP, 266,610 weights, one thread: 9-12 ms per
+    orthogonalization step of a block of 4, against ~29 ms per block product), so small
+    blocks share it. Measured at k = 32, tol 1e-4, one thread, each block at its default
+    basis size (products / seconds): MLP b = 8: 320 / 4.4 s, b = 4: 264 / 4.1 s, b = 2:
+    220 / 4.7 s (b = 1, before the current kernels: 213 / 35 s); small CNN (20,490 weights,
+    product-bound): b = 8: 216 / 18.3 s, b = 4: 180 / 14.8 s, b = 2: 172 / 14.0 s. Blocks of
+    4 need close to the fewest products at the solver cost of the widest block, up to
+    k = 64; 16 beyond.
 
     A block holds at most ``b`` copies of a multiple eigenvalue; pass ``block_size`` at least
     the multiplicity expected among the wanted pairs.

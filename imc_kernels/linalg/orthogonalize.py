@@ -135,10 +135,13 @@ def _xty_column_major(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def xty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x.T @ y`` accumulated in float64 through :func:`imc_kernels.ops.tsmm_xty`.
 
-    Splits operands wider than the op's 512-column limit and accepts empty operands. A view of
-    the leading columns of a row-major buffer is read through its full rows rather than copied
-    (:func:`_row_major_parent`); a column-major ``x`` on CPU goes through
-    :func:`_xty_column_major`; tiny operands on CPU are upcast (see below).
+    Splits operands wider than the op's 512-column limit and accepts empty operands. On the
+    CPU the op reads column slices of a row-major buffer in place and dots a column-major
+    ``x`` (the transposed single-vector basis) with one column in place; a column-major ``x``
+    against several columns goes through :func:`_xty_column_major`, and operands of at most
+    three columns a side are upcast (see below). On a GPU a view of the leading columns of a
+    row-major buffer is read through its full rows rather than copied
+    (:func:`_row_major_parent`).
 
     Args:
         x: ``(n, m)``.
@@ -176,9 +179,9 @@ def xty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     source = x if wide is None else wide
     if source.shape[1] <= _TSMM_MAX_COLUMNS and b <= _TSMM_MAX_COLUMNS:
         if b <= 4 and b < m:
-            # (y^T x)^T: the op's micro-kernel pads its second operand to 8 columns, so a
-            # narrow y goes first (measured, 1 thread, n = 266,610: 32 x 1 7.3 against 8.5 ms,
-            # 128 x 1 21 against 27 ms).
+            # (y^T x)^T, a narrow y first: measured for the CPU micro-kernel, which pads its
+            # second operand to 8 columns (1 thread, n = 266,610: 32 x 1 7.3 against 8.5 ms),
+            # when the CPU took this path; kept on the GPU, not measured there.
             return ops.tsmm_xty(y, source)[:, :m].T.contiguous()
         return ops.tsmm_xty(source, y)[:m]
     rows = []
