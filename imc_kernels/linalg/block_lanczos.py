@@ -997,10 +997,14 @@ def default_block_size(k: int, device: torch.device | str = "cpu") -> int:
     orthogonalization step of a block of 4, against ~29 ms per block product), so small
     blocks share it. Measured at k = 32, tol 1e-4, one thread, each block at its default
     basis size (products / seconds): MLP b = 8: 320 / 4.4 s, b = 4: 264 / 4.1 s, b = 2:
-    220 / 4.7 s (b = 1, before the current kernels: 213 / 35 s); small CNN (20,490 weights,
-    product-bound): b = 8: 216 / 18.3 s, b = 4: 180 / 14.8 s, b = 2: 172 / 14.0 s. Blocks of
-    4 need close to the fewest products at the solver cost of the widest block, up to
-    k = 64; 16 beyond.
+    220 / 4.7 s; b = 1 193 / 3.60 s against b = 4 264 / 3.49 s in one later run (35 s for b = 1
+    before the column-major and skinny kernels); small CNN (20,490 weights, product-bound):
+    b = 8: 216 / 18.3 s, b = 4: 180 / 14.8 s, b = 2: 172 / 14.0 s. Blocks of 4 need close to
+    the fewest products at the solver cost of the widest block, up to k = 64; 16 beyond.
+    Single vectors are now as fast for the MLP at k = 32 with 27 percent fewer products, but
+    on the small CNN at k = 32 they stopped at 140 products (8.1 s, against 180 / 10.1 s for
+    b = 4) with one eigenvalue wrong by more than 1e-4 of lambda_1: a single-vector Krylov
+    space misses copies of clustered values, which is what the block is for. So 4 stays.
 
     A block holds at most ``b`` copies of a multiple eigenvalue; pass ``block_size`` at least
     the multiplicity expected among the wanted pairs.
