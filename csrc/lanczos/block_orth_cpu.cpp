@@ -118,11 +118,12 @@ constexpr int64_t kCombineColumns = 4;
 typedef float Vec8f __attribute__((vector_size(32)));
 typedef double Vec4d __attribute__((vector_size(32)));
 
+// The four lane sums of acc[0..3], in a fixed order (the same bits on every call): halves
+// added, then two transposing shuffle-add steps; the scalar fallback adds in the same order.
+#if defined(IMC_HAS_SHUFFLEVECTOR)
 typedef float Vec4f __attribute__((vector_size(16)));
 typedef double Vec2d __attribute__((vector_size(16)));
 
-// The four lane sums of acc[0..3], in a fixed order (the same bits on every call): halves
-// added, then two transposing shuffle-add steps.
 inline __attribute__((always_inline)) void sum_lanes4(const Vec8f* acc, float* out) {
   Vec4f u[4];
   for (int q = 0; q < 4; ++q) {
@@ -151,6 +152,27 @@ inline __attribute__((always_inline)) void sum_lanes4(const Vec4d* acc, double* 
   __builtin_memcpy(out, &p, sizeof(p));
   __builtin_memcpy(out + 2, &q, sizeof(q));
 }
+#else
+// Lane l of the half-sum is acc[l] + acc[l + half]; then pairs (0, 2) and (1, 3): the order of
+// the shuffle version above.
+template <typename scalar_t, typename vec_t>
+inline __attribute__((always_inline)) void sum_lanes4(const vec_t* acc, scalar_t* out) {
+  constexpr int lanes = sizeof(vec_t) / sizeof(scalar_t);
+  for (int q = 0; q < 4; ++q) {
+    scalar_t v[lanes];
+    __builtin_memcpy(v, &acc[q], sizeof(v));
+    scalar_t half[lanes / 2];
+    for (int l = 0; l < lanes / 2; ++l) {
+      half[l] = v[l] + v[l + lanes / 2];
+    }
+    if constexpr (lanes == 8) {
+      out[q] = (half[0] + half[2]) + (half[1] + half[3]);
+    } else {
+      out[q] = half[0] + half[1];
+    }
+  }
+}
+#endif
 
 // Rows of V prefetched ahead of the one being combined. The basis is a column slice of a
 // wider buffer: each row is a short run of cache lines at a long stride, which the hardware

@@ -21,6 +21,12 @@
 
 #include "tsmm_cpu.h"
 
+// The 512-bit vector types below live in always-inline helpers, so no value of them crosses a
+// call boundary of the baseline ABI; GCC warns about the ABI anyway.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -345,6 +351,7 @@ inline __attribute__((always_inline)) Vec8d load8(const double* p) {
 // general kernel took 1.6 ms).
 template <int kTail, typename scalar_t>
 inline __attribute__((always_inline)) Vec8d load_partial8(const scalar_t* p, int64_t count) {
+#if defined(IMC_HAS_SHUFFLEVECTOR)
   if constexpr (kTail == 2 || kTail == 4) {
     Vec4d low;
     if constexpr (kTail == 2) {
@@ -362,13 +369,13 @@ inline __attribute__((always_inline)) Vec8d load_partial8(const scalar_t* p, int
     }
     const Vec4d zero = {};
     return __builtin_shufflevector(low, zero, 0, 1, 2, 3, 4, 4, 4, 4);
-  } else {
-    Vec8d v = {};
-    for (int64_t c = 0; c < count; ++c) {
-      v[c] = static_cast<double>(p[c]);
-    }
-    return v;
   }
+#endif
+  Vec8d v = {};
+  for (int64_t c = 0; c < count; ++c) {
+    v[c] = static_cast<double>(p[c]);
+  }
+  return v;
 }
 
 // Rows of x combined together: each accumulator is loaded from and stored to L1 once per
@@ -509,11 +516,22 @@ constexpr int64_t kDotRows = 8;
 
 // Pairwise lane sum in a fixed order.
 inline __attribute__((always_inline)) double lane_sum8(const Vec8d& v) {
+#if defined(IMC_HAS_SHUFFLEVECTOR)
   const Vec4d half = __builtin_shufflevector(v, v, 0, 1, 2, 3) +
                      __builtin_shufflevector(v, v, 4, 5, 6, 7);
   const Vec2d quarter = __builtin_shufflevector(half, half, 0, 1) +
                         __builtin_shufflevector(half, half, 2, 3);
   return quarter[0] + quarter[1];
+#else
+  double lanes[8];
+  __builtin_memcpy(lanes, &v, sizeof(lanes));
+  for (int width = 4; width >= 1; width /= 2) {
+    for (int l = 0; l < width; ++l) {
+      lanes[l] += lanes[l + width];
+    }
+  }
+  return lanes[0];
+#endif
 }
 
 template <typename scalar_t, int kRows>

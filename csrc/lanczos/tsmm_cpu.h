@@ -19,6 +19,16 @@
 #define IMC_MULTIVERSION
 #endif
 
+// __builtin_shufflevector (GCC 12+, Clang): lane sums and partial loads in registers. Older
+// compilers take scalar code for those few lines (same results: the sums keep their order);
+// IMC_TEST_NO_SHUFFLE forces that path so a test can compile it here
+// (tests/build/test_ext.py).
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector) && !defined(IMC_TEST_NO_SHUFFLE)
+#define IMC_HAS_SHUFFLEVECTOR 1
+#endif
+#endif
+
 namespace imc_kernels::tsmm_cpu {
 
 // out = x^T y for x (n, m) and y (n, b), every product accumulated in fp64, bitwise
