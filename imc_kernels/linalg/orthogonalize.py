@@ -158,6 +158,19 @@ def xty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # the norm reduction casts to float64 as it reads (fp64 products and sums, as below)
         # without the two upcast copies: 0.08 against 1.07 ms at n = 266,610, one thread.
         return torch.linalg.vector_norm(x, dtype=torch.float64).square().view(1, 1)
+    if (
+        x.device.type == "cpu"
+        and b == 1
+        and x.stride(0) == 1
+        and y.stride(0) == 1
+        and (m == 1 or x.stride(1) >= x.shape[0])
+    ):
+        # One column against contiguous columns (the local pass of single-vector Lanczos, its
+        # projections against the transposed basis): the op dots them in place. Measured
+        # inside a solve (n = 266,610, one thread): 1 x 1 through the upcasts below took
+        # 1.6-1.8 ms, their fresh float64 vectors page-faulting; m = 20 0.7 against 1.9 ms for
+        # the chunked upcast of _xty_column_major.
+        return ops.tsmm_xty(x, y)
     if x.device.type == "cpu" and max(m, b) <= _UPCAST_MAX_COLUMNS:
         # Below four columns a side the op's kernels have a fixed cost of ~0.6 ms (one
         # column) to ~1.8 ms (2-3 columns each) at n = 266,610 on one core, and the upcast
@@ -166,10 +179,6 @@ def xty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # and sums (the op's reference).
         return x.to(torch.float64).T @ y.to(torch.float64)
     if x.device.type == "cpu" and x.stride(0) == 1 and x.stride(1) >= x.shape[0] and m > 1:
-        if b == 1 and y.stride(0) == 1:
-            # The op dots each contiguous column of x with y in place (m = 20, n = 266,610,
-            # one thread: 0.7 against 1.9 ms for the chunked upcast below).
-            return ops.tsmm_xty(x, y)
         return _xty_column_major(x, y)
     if x.device.type == "cpu" and m <= _TSMM_MAX_COLUMNS and b <= _TSMM_MAX_COLUMNS:
         # The CPU op reads column slices of a row-major buffer in place (through the row

@@ -43,6 +43,9 @@ SHAPES = [
     (4097, 8, 8),
     (4097, 5, 200),
     (10, 3, 6),
+    # One column against one column: dotted in place (8-wide vectors plus a tail).
+    (100003, 1, 1),
+    (7, 1, 1),
 ]
 DTYPES = [torch.float32, torch.float64]
 
@@ -160,7 +163,7 @@ def test_same_inputs_same_bits(n, m, b, device):
 @needs_extension
 # (70, 1) and (1, 70): the narrow single-column kernel, one full column group plus a tail;
 # (124, 4) and (6, 37): the skinny kernel, either way round.
-@pytest.mark.parametrize("m,b", [(64, 8), (70, 1), (1, 70), (124, 4), (6, 37), (21, -1)])
+@pytest.mark.parametrize("m,b", [(64, 8), (70, 1), (1, 70), (124, 4), (6, 37), (21, -1), (1, 1)])
 def test_bits_do_not_depend_on_thread_count(m, b):
     # b = -1: a column-major x against one column (the transposed single-vector basis).
     x, y = _inputs(100003, m, abs(b), torch.float32, seed=4)
