@@ -153,11 +153,6 @@ def xty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     m, b = x.shape[1], y.shape[1]
     if m == 0 or b == 0 or x.shape[0] == 0:
         return torch.zeros(m, b, dtype=torch.float64, device=x.device)
-    if m == 1 and b == 1 and x.device.type == "cpu" and _same_view(x, y):
-        # ||x||^2 of one column (the Gram of a single vector, every Lanczos step at b = 1):
-        # the norm reduction casts to float64 as it reads (fp64 products and sums, as below)
-        # without the two upcast copies: 0.08 against 1.07 ms at n = 266,610, one thread.
-        return torch.linalg.vector_norm(x, dtype=torch.float64).square().view(1, 1)
     if (
         x.device.type == "cpu"
         and b == 1
@@ -171,6 +166,12 @@ def xty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # 1.6-1.8 ms, their fresh float64 vectors page-faulting; m = 20 0.7 against 1.9 ms for
         # the chunked upcast of _xty_column_major.
         return ops.tsmm_xty(x, y)
+    if m == 1 and b == 1 and x.device.type == "cpu" and _same_view(x, y):
+        # ||x||^2 of one strided column: the norm reduction casts to float64 as it reads
+        # (fp64 products and sums, as below) without the two upcast copies (0.08 against
+        # 1.07 ms at n = 266,610, one thread). Contiguous columns took the op above: inside a
+        # solve the norm's float64 temporary page-faulted (0.86 against 0.04 ms).
+        return torch.linalg.vector_norm(x, dtype=torch.float64).square().view(1, 1)
     if x.device.type == "cpu" and max(m, b) <= _UPCAST_MAX_COLUMNS:
         # Below four columns a side the op's kernels have a fixed cost of ~0.6 ms (one
         # column) to ~1.8 ms (2-3 columns each) at n = 266,610 on one core, and the upcast

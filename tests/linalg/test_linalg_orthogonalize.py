@@ -67,10 +67,13 @@ def test_xty_on_leading_columns_of_a_row_major_buffer(m, b, dtype):
     )
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "basis column", "row of a buffer"])
+@pytest.mark.parametrize(
+    "layout", ["contiguous", "basis column", "row of a buffer", "column of a row-major buffer"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_xty_of_one_column_with_itself(layout, dtype):
-    # The Gram of a single vector (every step at b = 1) goes through a float64 norm.
+    # The Gram of a single vector (every step at b = 1): the op's in-place dot for contiguous
+    # columns, a float64 norm for a strided one.
     gen = torch.Generator().manual_seed(5)
     n = 100_003
     source = torch.randn(3, n, generator=gen, dtype=torch.float64).to(dtype) * 1e3
@@ -78,6 +81,7 @@ def test_xty_of_one_column_with_itself(layout, dtype):
         "contiguous": source[0].clone().view(n, 1),
         "basis column": source.T[:, 1:2],
         "row of a buffer": source[2].view(n, 1),
+        "column of a row-major buffer": source.T.contiguous()[:, 1:2],
     }[layout]
     got = orth.xty(x, x)
     exact = (x.double() * x.double()).sum()
