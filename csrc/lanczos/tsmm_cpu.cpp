@@ -230,6 +230,43 @@ void tsmm_xty_kernel(const scalar_t* x, int64_t ldx, const scalar_t* y, int64_t 
   });
 }
 
+// The row chunks of the narrow, skinny and column-major kernels: at least kMinChunkRows rows,
+// at most kMaxChunks chunks, fixed by n alone. Each chunk sums into its own zeroed partial of
+// `partial_size` doubles (`chunk_fn(row_begin, row_end, partial)`, chunks run in parallel);
+// the caller adds the partials in chunk order (chunk_sum), so the result is bitwise the same
+// for any thread count.
+struct RowChunks {
+  int64_t rows;
+  int64_t count;
+  std::vector<double> partials;
+  int64_t partial_size;
+
+  // sum over chunks, in chunk order, of element `index` of each partial.
+  double chunk_sum(int64_t index) const {
+    double sum = 0.0;
+    for (int64_t chunk = 0; chunk < count; ++chunk) {
+      sum += partials[chunk * partial_size + index];
+    }
+    return sum;
+  }
+};
+
+template <typename ChunkFn>
+RowChunks run_row_chunks(int64_t n, int64_t partial_size, const ChunkFn& chunk_fn) {
+  RowChunks chunks;
+  chunks.rows = std::max(kMinChunkRows, (n + kMaxChunks - 1) / kMaxChunks);
+  chunks.count = (n + chunks.rows - 1) / chunks.rows;
+  chunks.partial_size = partial_size;
+  chunks.partials.assign(static_cast<size_t>(chunks.count * partial_size), 0.0);
+  at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      chunk_fn(chunk * chunks.rows, std::min(n, (chunk + 1) * chunks.rows),
+               chunks.partials.data() + chunk * partial_size);
+    }
+  });
+  return chunks;
+}
+
 // x^T y for a single column y (b = 1), the Gram of one column included (m = 1). The general
 // kernel pads b to 4 and converts x through an fp64 tile: at n = 266,610, m = 20, one thread,
 // 4.7 ms for V^T w and 1.7 ms for w^T w, where reading V takes 0.3 ms. Here each row of x is
@@ -300,21 +337,12 @@ void narrow_chunk(const double* x, int64_t ldx, const double* y, int64_t ldy, in
 template <typename scalar_t>
 void tsmm_narrow_kernel(const scalar_t* x, int64_t ldx, const scalar_t* y, int64_t ldy,
                         int64_t n, int64_t m, double* out, int64_t out_stride) {
-  const int64_t chunk_rows = std::max(kMinChunkRows, (n + kMaxChunks - 1) / kMaxChunks);
-  const int64_t n_chunks = (n + chunk_rows - 1) / chunk_rows;
-  std::vector<double> partials(static_cast<size_t>(n_chunks * m), 0.0);
-  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      narrow_chunk(x, ldx, y, ldy, chunk * chunk_rows, std::min(n, (chunk + 1) * chunk_rows), m,
-                   partials.data() + chunk * m);
-    }
-  });
+  const RowChunks chunks =
+      run_row_chunks(n, m, [&](int64_t row_begin, int64_t row_end, double* partial) {
+        narrow_chunk(x, ldx, y, ldy, row_begin, row_end, m, partial);
+      });
   for (int64_t i = 0; i < m; ++i) {
-    double sum = 0.0;
-    for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
-      sum += partials[chunk * m + i];
-    }
-    out[i * out_stride] = sum;
+    out[i * out_stride] = chunks.chunk_sum(i);
   }
 }
 
@@ -475,30 +503,20 @@ void tsmm_skinny_kernel(const scalar_t* x, int64_t ldx, const scalar_t* y, int64
   // Each chunk's accumulators: (ceil(m / 8), width, 8) doubles, lane l of vector (v, j)
   // holding column 8 v + l of x against column j of y.
   const int64_t partial_size = (m + 7) / 8 * width * 8;
-  const int64_t chunk_rows = std::max(kMinChunkRows, (n + kMaxChunks - 1) / kMaxChunks);
-  const int64_t n_chunks = (n + chunk_rows - 1) / chunk_rows;
-  std::vector<double> partials(static_cast<size_t>(n_chunks * partial_size), 0.0);
-  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t row_begin = chunk * chunk_rows;
-      const int64_t row_end = std::min(n, row_begin + chunk_rows);
-      double* partial = partials.data() + chunk * partial_size;
-      if (width == 2) {
-        skinny_chunk_2(x, ldx, y, ldy, b, row_begin, row_end, m, partial);
-      } else if (width == 4) {
-        skinny_chunk_4(x, ldx, y, ldy, b, row_begin, row_end, m, partial);
-      } else {
-        skinny_chunk_8(x, ldx, y, ldy, b, row_begin, row_end, m, partial);
-      }
-    }
-  });
+  const RowChunks chunks =
+      run_row_chunks(n, partial_size, [&](int64_t row_begin, int64_t row_end, double* partial) {
+        if (width == 2) {
+          skinny_chunk_2(x, ldx, y, ldy, b, row_begin, row_end, m, partial);
+        } else if (width == 4) {
+          skinny_chunk_4(x, ldx, y, ldy, b, row_begin, row_end, m, partial);
+        } else {
+          skinny_chunk_8(x, ldx, y, ldy, b, row_begin, row_end, m, partial);
+        }
+      });
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < b; ++j) {
-      double sum = 0.0;
-      for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
-        sum += partials[chunk * partial_size + (i / 8 * width + j) * 8 + i % 8];
-      }
-      out[i * out_row_stride + j * out_col_stride] = sum;
+      out[i * out_row_stride + j * out_col_stride] =
+          chunks.chunk_sum((i / 8 * width + j) * 8 + i % 8);
     }
   }
 }
@@ -585,21 +603,12 @@ void column_dots_chunk(const double* x_t, int64_t ldxt, const double* y, int64_t
 template <typename scalar_t>
 void tsmm_column_major_kernel(const scalar_t* x_t, int64_t ldxt, const scalar_t* y, int64_t n,
                               int64_t m, double* out) {
-  const int64_t chunk_rows = std::max(kMinChunkRows, (n + kMaxChunks - 1) / kMaxChunks);
-  const int64_t n_chunks = (n + chunk_rows - 1) / chunk_rows;
-  std::vector<double> partials(static_cast<size_t>(n_chunks * m), 0.0);
-  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      column_dots_chunk(x_t, ldxt, y, m, chunk * chunk_rows,
-                        std::min(n, (chunk + 1) * chunk_rows), partials.data() + chunk * m);
-    }
-  });
+  const RowChunks chunks =
+      run_row_chunks(n, m, [&](int64_t row_begin, int64_t row_end, double* partial) {
+        column_dots_chunk(x_t, ldxt, y, m, row_begin, row_end, partial);
+      });
   for (int64_t i = 0; i < m; ++i) {
-    double sum = 0.0;
-    for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
-      sum += partials[chunk * m + i];
-    }
-    out[i] = sum;
+    out[i] = chunks.chunk_sum(i);
   }
 }
 #endif
