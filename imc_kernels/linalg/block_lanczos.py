@@ -165,6 +165,30 @@ def _wanted_order(theta: np.ndarray, which: str) -> np.ndarray:
 _ROTATION_CHUNK = 8192
 
 
+def _chunk_rows(n: int, device: torch.device) -> int:
+    """Rows per chunk of the basis-sized products: ``_ROTATION_CHUNK`` on the CPU, all ``n`` on
+    a GPU (memory is not the constraint there, launches are)."""
+    return n if device.type != "cpu" else _ROTATION_CHUNK
+
+
+def _column_chunk_products(rows: torch.Tensor, s: torch.Tensor):
+    """Yield ``(start, stop, out)`` with ``out = s^T rows[:, start:stop]``, chunk by chunk.
+
+    ``rows`` is ``(m, n)`` with contiguous rows (the transposed store of the products, or a
+    column-major basis seen row-wise), ``s`` is ``(m, k)``; ``out`` is a ``(k, stop - start)``
+    view of one buffer reused for every chunk, valid until the next one.
+    """
+    n = rows.shape[1]
+    chunk = _chunk_rows(n, rows.device)
+    s_t = s.T.contiguous()
+    buffer = torch.empty(s.shape[1], min(chunk, n), dtype=rows.dtype, device=rows.device)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        out = buffer[:, : stop - start]
+        gemm(s_t, rows[:, start:stop], out=out)
+        yield start, stop, out
+
+
 def _rotate_in_place(view: torch.Tensor, s: torch.Tensor, *, gram: bool) -> torch.Tensor | None:
     """``view[:, :k] = view @ s`` in place, chunk by chunk; optionally the result's Gram.
 
@@ -172,25 +196,20 @@ def _rotate_in_place(view: torch.Tensor, s: torch.Tensor, *, gram: bool) -> torc
     buffer, or the transposed stored products); ``s`` is ``(m, k)`` with ``k <= m``. Each chunk
     of rows is multiplied into a small buffer and written back: the chunk's inputs are read
     before its outputs are written and chunks are disjoint, so no ``(n, k)`` temporary is
-    needed. A fresh ``(n, k)`` result costs its page faults (68 MB for the MLP at k = 64:
-    ~40 ms on the CPU), and the transposed products a transposing copy on top. With ``gram``,
+    needed. A fresh ``(n, k)`` result costs its page faults (68 MB for the MLP at k = 64: such a
+    product took 57 ms in a profile, ~11 ms of it arithmetic), and the transposed products a
+    transposing copy on top. With ``gram``,
     the float64 ``Y^T Y`` of ``Y = view @ s`` (summed over chunks in order, deterministic)
     is returned, read from the chunks while they are in cache. On a GPU one chunk (the whole
     view): memory is not the constraint there, launches are.
     """
-    n, m = view.shape
+    n = view.shape[0]
     k = s.shape[1]
-    chunk = n if view.device.type != "cpu" else _ROTATION_CHUNK
-    column_major = view.stride(0) == 1 and view.stride(1) != 1
+    chunk = _chunk_rows(n, view.device)
     total = torch.zeros(k, k, dtype=torch.float64, device=view.device) if gram else None
-    if column_major:
-        rows = view.T  # (m, n), contiguous rows: products over column chunks
-        s_t = s.T.contiguous()
-        buffer = torch.empty(k, min(chunk, n), dtype=view.dtype, device=view.device)
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            out = buffer[:, : stop - start]
-            gemm(s_t, rows[:, start:stop], out=out)
+    if view.stride(0) == 1 and view.stride(1) != 1:  # column-major: contiguous rows of view.T
+        rows = view.T
+        for start, stop, out in _column_chunk_products(rows, s):
             rows[:k, start:stop] = out
             if total is not None:
                 total += xty(out.T, out.T)
@@ -428,14 +447,13 @@ class _BlockKrylovSchur:
         self.projected = torch.zeros(m_max + b, m_max + b, dtype=torch.float64, device=device)
         self.flags = torch.zeros(m_max // b + 1, 2, dtype=torch.bool, device=device)
         # The operator's input, a contiguous copy of the current block. With adaptive
-        # orthogonalization the previous one is kept too (the two buffers swap roles after
-        # each step) for the local pass; `local_ready` says the previous one is valid.
+        # orthogonalization the previous one is kept too, for the local pass: each step writes
+        # Q_{j+1} into block_prev and the two buffers swap roles, so after a step block_in
+        # holds the next input and block_prev its predecessor. `local_ready` says both are
+        # valid; anything else that writes the basis (restart, repair, rollback) clears it.
         self.block_in = torch.empty(n, b, dtype=dtype, device=device)
         self.block_prev = torch.empty(n, b, dtype=dtype, device=device) if self.adaptive else None
         self.local_ready = False
-        # Adaptive mode: each step writes Q_{j+1} to a contiguous buffer first (the next
-        # product's input) and copies it into the basis; `next_ready` says block_in holds it.
-        self.next_ready = False
         self.work = torch.empty(n, b, dtype=dtype, device=device)
         self.filled = 0  # columns in the Rayleigh-Ritz subspace; pending block follows
         self.n_locked = 0
@@ -459,9 +477,8 @@ class _BlockKrylovSchur:
     # ---- products and steps -------------------------------------------------------------
 
     def _product(self, block: torch.Tensor) -> torch.Tensor:
-        if not self.next_ready:
+        if not self.local_ready:  # else the last step left this block in block_in
             self.block_in.copy_(block)
-        self.next_ready = False
         product = self.op(self.block_in)
         self.n_matvecs += block.shape[1]
         if self.pbar is not None:
@@ -499,7 +516,6 @@ class _BlockKrylovSchur:
         """
         b, tau = self.b, self.tau
         self.local_ready = False
-        self.next_ready = False
         end = start + b
         basis, projected = self.basis[:, :end], self.projected
         residual = self.basis[:, end : end + b].clone()
@@ -540,7 +556,6 @@ class _BlockKrylovSchur:
         """Forget the blocks expanded past ``filled`` (rolled back)."""
         b = self.b
         self.local_ready = False
-        self.next_ready = False
         self.projected[:, filled:] = 0.0
         self.projected[filled + b :, :] = 0.0
 
@@ -607,7 +622,6 @@ class _BlockKrylovSchur:
                     # block_prev now holds Q_{j+1}: it is the next input, block_in the previous.
                     self.block_prev, self.block_in = self.block_in, self.block_prev
                     self.local_ready = True
-                    self.next_ready = True
                 self.filled += b
                 index = self.block_in_cycle
                 self.block_in_cycle += 1
@@ -763,7 +777,6 @@ class _BlockKrylovSchur:
         self.filled = n_keep
         self.restarts += 1
         self.local_ready = False
-        self.next_ready = False
 
     def run(self) -> LanczosResult:
         op, b, k = self.op, self.b, self.k
@@ -882,18 +895,11 @@ def _stored_residuals(products_t, s, vectors, values) -> torch.Tensor:
     ``products_t`` is the ``(m, n)`` transposed store; ``(H V) s`` is formed a chunk of
     columns at a time (see :func:`_rotate_in_place`) and never held whole.
     """
-    n = products_t.shape[1]
     k = s.shape[1]
     device, dtype = vectors.device, vectors.dtype
-    chunk = n if device.type != "cpu" else _ROTATION_CHUNK
-    s_t = s.T.contiguous()
     scale = values.to(device=device, dtype=dtype).view(k, 1)
     squares = torch.zeros(k, dtype=torch.float64, device=device)
-    buffer = torch.empty(k, min(chunk, n), dtype=dtype, device=device)
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        out = buffer[:, : stop - start]
-        gemm(s_t, products_t[:, start:stop], out=out)
+    for start, stop, out in _column_chunk_products(products_t, s):
         out -= vectors[start:stop].T * scale
         squares += torch.linalg.vector_norm(out, dim=1, dtype=torch.float64).square()
     return squares.sqrt().cpu()
