@@ -182,6 +182,56 @@ void block_orth_check_inputs(const at::Tensor& basis, int64_t filled, const at::
   check_disjoint(coeffs, "coeffs", coeffs_first, "coeffs_first");
 }
 
+// Entry checks of lanczos_vector_step (its CPU kernel is csrc/lanczos/lanczos_vector_cpu.cpp).
+// imc_kernels.ops.lanczos_vector_step checks the same conditions in Python first and raises
+// ValueError/TypeError.
+void lanczos_vector_check_inputs(const at::Tensor& rows, int64_t filled, int64_t local,
+                                 const at::Tensor& w,
+                                 const std::optional<at::Tensor>& product_out, double tau) {
+  TORCH_CHECK(w.dim() == 1 && w.size(0) >= 1 && w.stride(0) == 1,
+              "imc_kernels::lanczos_vector_step needs a contiguous 1-D vector w, got sizes ",
+              w.sizes(), " and strides ", w.strides());
+  const int64_t n = w.size(0);
+  TORCH_CHECK(rows.dim() == 2 && rows.size(1) == n && rows.stride(1) == 1 &&
+                  (rows.size(0) <= 1 || rows.stride(0) >= n),
+              "imc_kernels::lanczos_vector_step needs rows (R, n) = (R, ", n,
+              ") with contiguous rows (the basis stored one vector per row), got sizes ",
+              rows.sizes(), " and strides ", rows.strides());
+  TORCH_CHECK(filled >= 0 && filled < rows.size(0),
+              "imc_kernels::lanczos_vector_step: filled = ", filled,
+              " must be at least 0 and below the row count ", rows.size(0),
+              " (row `filled` receives the next vector)");
+  TORCH_CHECK(local >= 0 && local <= filled, "imc_kernels::lanczos_vector_step: local = ", local,
+              " must be between 0 and filled = ", filled);
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble,
+              "imc_kernels::lanczos_vector_step takes float32 or float64, got ", w.scalar_type());
+  TORCH_CHECK(rows.scalar_type() == w.scalar_type(),
+              "imc_kernels::lanczos_vector_step needs rows and w of one dtype, got ",
+              rows.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(rows.device() == w.device() && w.device().is_cpu(),
+              "imc_kernels::lanczos_vector_step runs on the CPU, got rows on ", rows.device(),
+              " and w on ", w.device());
+  TORCH_CHECK(std::isfinite(tau) && tau >= 0.0,
+              "imc_kernels::lanczos_vector_step needs a finite rank tolerance tau >= 0, got ", tau);
+  const auto check_apart = [](const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                              const char* b_name) {
+    const auto status = at::get_overlap_status(a, b);
+    TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial,
+                "imc_kernels::lanczos_vector_step: `", a_name, "` and `", b_name,
+                "` share memory; they must be separate buffers");
+  };
+  check_apart(rows, "rows", w, "w");
+  if (product_out.has_value()) {
+    const at::Tensor& out = *product_out;
+    TORCH_CHECK(out.dim() == 1 && out.size(0) == n && out.stride(0) == 1 &&
+                    out.scalar_type() == w.scalar_type() && out.device() == w.device(),
+                "imc_kernels::lanczos_vector_step needs product_out like w (contiguous (", n,
+                ",) ", w.scalar_type(), "), got sizes ", out.sizes(), " ", out.scalar_type());
+    check_apart(rows, "rows", out, "product_out");
+    check_apart(w, "w", out, "product_out");
+  }
+}
+
 // Entry checks of gemm_out (its CPU kernel is csrc/gemm/gemm_cpu.cpp). Python's
 // imc_kernels.ops.gemm checks the same conditions first and raises ValueError/TypeError.
 void gemm_check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
@@ -237,6 +287,22 @@ TORCH_LIBRARY(imc_kernels, m) {
       "block_orth_step(Tensor basis, int filled, Tensor(a!) block, Tensor(b!) work, "
       "Tensor(c!) q, Tensor(d!) coeffs, Tensor(e!) coeffs_first, Tensor(f!) coupling, "
       "Tensor? prior_norms_sq, float tau, bool auto_second_projection) -> (Tensor, Tensor)");
+  // One step of single-vector Lanczos against a basis stored one vector per row (CPU):
+  // V = rows[:filled], w = H v_{filled-1}. With V_loc = rows[filled-local:filled]:
+  //   product_out = w (when given);  l = V_loc^T w;  w -= V_loc l       (the local pass)
+  //   C1 = V^T w;  W1 = w - V C1 (written to w);  r1 = ||W1||
+  //   C2 = V^T W1 and q = W1 - V C2 when the DGKS test asks (or always without
+  //   auto_second_projection), else q = W1;  rows[filled] = q / ||q||
+  // every dot product accumulated in fp64. Rank check: deficient when r1 <= tau * reference,
+  // reference = sqrt(||l||^2 + ||C1||^2 + r1^2) (the norm of w before the call); a deficient
+  // step writes W1 to rows[filled], C1 + l to coeffs and 0 to the coupling. Returns coeffs
+  // (filled,) float64 (= l + C1 + C2 at the rows of V), the coupling () float64 (||q||), flags
+  // (5,) int32 [deficient, non_finite, info pass 1, pass 2, projections] and norms (2,)
+  // float64 [reference, r1 / reference], as block_orth_step with b = 1.
+  m.def(
+      "lanczos_vector_step(Tensor(a!) rows, int filled, int local, Tensor(b!) w, "
+      "Tensor(c!)? product_out, float tau, bool auto_second_projection) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // out = a @ b + beta * out (beta = 0 ignores out's contents), a (m, k), b (k, n), 2-D. On
   // the CPU, float32 runs through torch's oneDNN matmul where libtorch exports it (faster than
   // MKL's sgemm on AMD processors), everything else through at::mm_out / addmm_out.

@@ -181,6 +181,16 @@ def _register_fakes(torch) -> None:
         flags = block.new_empty((5,), dtype=torch.int32)
         return flags, block.new_empty((2, block.shape[1]), dtype=torch.float64)
 
+    def lanczos_vector_step_fake(rows, filled, local, w, product_out, tau, auto):
+        torch._check(w.dim() == 1, lambda: "lanczos_vector_step needs a 1-D w")
+        f64 = torch.float64
+        return (
+            w.new_empty((filled,), dtype=f64),
+            w.new_empty((), dtype=f64),
+            w.new_empty((5,), dtype=torch.int32),
+            w.new_empty((2,), dtype=f64),
+        )
+
     def gemm_out_fake(a, b, beta, out):
         torch._check(a.dim() == 2 and b.dim() == 2, lambda: "gemm_out needs 2-D a and b")
         torch._check(a.shape[1] == b.shape[0], lambda: "gemm_out: shapes do not chain")
@@ -188,6 +198,7 @@ def _register_fakes(torch) -> None:
     fakes = {
         "tsmm_xty": tsmm_xty_fake,
         "block_orth_step": block_orth_step_fake,
+        "lanczos_vector_step": lanczos_vector_step_fake,
         "gemm_out": gemm_out_fake,
     }
     for name, fake in fakes.items():

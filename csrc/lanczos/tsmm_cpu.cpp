@@ -51,12 +51,9 @@ namespace tsmm_cpu {
 constexpr int64_t kMR = 4;
 constexpr int64_t kNR = 8;
 
-// Row chunks: at least 4096 rows each (so zeroing and reducing a chunk's m x b partial stays
-// small next to reading its rows), at most 64 of them (enough to balance the thread counts of
-// one socket), and never more partials than 64 MiB of doubles (m = b = 512 gives 2 MiB per
-// partial, so 32 chunks). All three depend on the shape only, never on the thread count.
-constexpr int64_t kMinChunkRows = 4096;
-constexpr int64_t kMaxChunks = 64;
+// Row chunks (kMinChunkRows, kMaxChunks in tsmm_cpu.h), and never more partials than 64 MiB
+// of doubles (m = b = 512 gives 2 MiB per partial, so 32 chunks). All depend on the shape only,
+// never on the thread count.
 constexpr int64_t kPartialBudgetBytes = int64_t{64} << 20;
 
 // fp64 copies of one x tile and one y tile share ~256 KiB, a quarter of a 1 MiB L2, so the
@@ -228,43 +225,6 @@ void tsmm_xty_kernel(const scalar_t* x, int64_t ldx, const scalar_t* y, int64_t 
       }
     }
   });
-}
-
-// The row chunks of the narrow, skinny and column-major kernels: at least kMinChunkRows rows,
-// at most kMaxChunks chunks, fixed by n alone. Each chunk sums into its own zeroed partial of
-// `partial_size` doubles (`chunk_fn(row_begin, row_end, partial)`, chunks run in parallel);
-// the caller adds the partials in chunk order (chunk_sum), so the result is bitwise the same
-// for any thread count.
-struct RowChunks {
-  int64_t rows;
-  int64_t count;
-  std::vector<double> partials;
-  int64_t partial_size;
-
-  // sum over chunks, in chunk order, of element `index` of each partial.
-  double chunk_sum(int64_t index) const {
-    double sum = 0.0;
-    for (int64_t chunk = 0; chunk < count; ++chunk) {
-      sum += partials[chunk * partial_size + index];
-    }
-    return sum;
-  }
-};
-
-template <typename ChunkFn>
-RowChunks run_row_chunks(int64_t n, int64_t partial_size, const ChunkFn& chunk_fn) {
-  RowChunks chunks;
-  chunks.rows = std::max(kMinChunkRows, (n + kMaxChunks - 1) / kMaxChunks);
-  chunks.count = (n + chunks.rows - 1) / chunks.rows;
-  chunks.partial_size = partial_size;
-  chunks.partials.assign(static_cast<size_t>(chunks.count * partial_size), 0.0);
-  at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      chunk_fn(chunk * chunks.rows, std::min(n, (chunk + 1) * chunks.rows),
-               chunks.partials.data() + chunk * partial_size);
-    }
-  });
-  return chunks;
 }
 
 // x^T y for a single column y (b = 1), the Gram of one column included (m = 1). The general

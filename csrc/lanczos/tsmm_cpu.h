@@ -4,7 +4,11 @@
 
 #pragma once
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 // GCC function multiversioning: torch builds extensions for baseline x86-64 (SSE2, two doubles
 // per instruction, no FMA); the clones let a CPU loop use AVX2+FMA or AVX-512 where the machine
@@ -30,6 +34,59 @@
 #endif
 
 namespace imc_kernels::tsmm_cpu {
+
+// Row chunks of the fp64-accumulating kernels: at least 4096 rows each (so zeroing and reducing
+// a chunk's partial stays small next to reading its rows), at most 64 of them (enough to balance
+// the thread counts of one socket).
+constexpr int64_t kMinChunkRows = 4096;
+constexpr int64_t kMaxChunks = 64;
+
+// The row chunks of the narrow, skinny and column-major kernels (and of the single-vector
+// Lanczos step, csrc/lanczos/lanczos_vector_cpu.cpp): at least kMinChunkRows rows,
+// at most kMaxChunks chunks, fixed by n alone. Each chunk sums into its own zeroed partial of
+// `partial_size` doubles (`chunk_fn(row_begin, row_end, partial)`, chunks run in parallel);
+// the caller adds the partials in chunk order (chunk_sum), so the result is bitwise the same
+// for any thread count.
+struct RowChunks {
+  int64_t rows;
+  int64_t count;
+  std::vector<double> partials;
+  int64_t partial_size;
+
+  // sum over chunks, in chunk order, of element `index` of each partial.
+  double chunk_sum(int64_t index) const {
+    double sum = 0.0;
+    for (int64_t chunk = 0; chunk < count; ++chunk) {
+      sum += partials[chunk * partial_size + index];
+    }
+    return sum;
+  }
+};
+
+template <typename ChunkFn>
+RowChunks run_row_chunks(int64_t n, int64_t partial_size, const ChunkFn& chunk_fn) {
+  RowChunks chunks;
+  chunks.rows = std::max(kMinChunkRows, (n + kMaxChunks - 1) / kMaxChunks);
+  chunks.count = (n + chunks.rows - 1) / chunks.rows;
+  chunks.partial_size = partial_size;
+  chunks.partials.assign(static_cast<size_t>(chunks.count * partial_size), 0.0);
+  at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      chunk_fn(chunk * chunks.rows, std::min(n, (chunk + 1) * chunks.rows),
+               chunks.partials.data() + chunk * partial_size);
+    }
+  });
+  return chunks;
+}
+
+#if defined(__GNUC__)
+// partial[i] += sum over rows [begin, end) of x_t[i * ldxt + r] y[r] for i < m, in fp64: the
+// dots of m contiguous vectors (rows of x_t) with one contiguous vector y over a row range.
+void column_dots_chunk(const float* x_t, int64_t ldxt, const float* y, int64_t m, int64_t begin,
+                       int64_t end, double* partial);
+void column_dots_chunk(const double* x_t, int64_t ldxt, const double* y, int64_t m,
+                       int64_t begin, int64_t end, double* partial);
+#endif
 
 // out = x^T y for x (n, m) and y (n, b), every product accumulated in fp64, bitwise
 // deterministic for any number of threads. Element (r, c) of x is x[r * ldx + c] (ldx >= m),

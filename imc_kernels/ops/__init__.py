@@ -18,6 +18,7 @@ from imc_kernels.reference import activation as _ref_activation
 from imc_kernels.reference import block_orth as _ref_block_orth
 from imc_kernels.reference import cross_entropy as _ref_cross_entropy
 from imc_kernels.reference import gemm as _ref_gemm
+from imc_kernels.reference import lanczos_vector as _ref_lanczos_vector
 from imc_kernels.reference import masked_optim as _ref_masked_optim
 from imc_kernels.reference import tsmm as _ref_tsmm
 
@@ -485,6 +486,56 @@ def block_orth_step(
             *args, float(tau), bool(auto_second_projection)
         )
     return _ref_block_orth.block_orth_step(*args, float(tau), bool(auto_second_projection))
+
+
+def lanczos_vector_step(
+    rows: torch.Tensor,
+    filled: int,
+    local: int,
+    w: torch.Tensor,
+    *,
+    tau: float,
+    product_out: torch.Tensor | None = None,
+    auto_second_projection: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of single-vector Lanczos against a basis stored one vector per row.
+
+    The local pass against ``rows[filled - local : filled]``, the full projection against
+    ``V = rows[:filled]`` (a second one when the DGKS test asks, or always without
+    ``auto_second_projection``) and the normalization into ``rows[filled]``, every dot product
+    accumulated in float64: :func:`block_orthonormalize` with ``b = 1`` after a local pass, in
+    four passes over the vector. The math, rank check and flags are spelled out in
+    :mod:`imc_kernels.reference.lanczos_vector`, the op's pure-PyTorch twin; the compiled
+    kernel runs on the CPU (the only device where the solver stores its basis this way).
+
+    Args:
+        rows: ``(R, n)`` with contiguous rows; ``rows[:filled]`` orthonormal; row ``filled``
+            receives the next vector (``W1`` on a deficient step).
+        filled: vectors in the basis, ``0 <= filled < R``.
+        local: trailing basis vectors projected out first, ``0 <= local <= filled``.
+        w: ``(n,)`` contiguous, ``H v_{filled-1}``; overwritten with ``W1``.
+        tau: relative rank tolerance.
+        product_out: optional ``(n,)`` contiguous buffer that receives ``w`` as passed.
+        auto_second_projection: skip the second projection when the DGKS test allows.
+
+    Returns:
+        ``(coeffs, coupling, flags, norms)``: ``(filled,)`` and ``()`` float64, ``(5,)`` int32
+        ``[deficient, non_finite, info pass 1, info pass 2, projections]``, ``(2,)`` float64
+        ``[reference, r1 / reference]``.
+    """
+    _ref_lanczos_vector.check_inputs(rows, filled, local, w, product_out, tau)
+    available = ("cext", "reference") if w.device.type == "cpu" else ("reference",)
+    backend = _dispatch.select(
+        "lanczos_vector",
+        w.device,
+        w.dtype,
+        available=available,
+        cext_op="lanczos_vector_step",
+    )
+    args = (rows, filled, local, w, product_out, float(tau), bool(auto_second_projection))
+    if backend == "cext":
+        return torch.ops.imc_kernels.lanczos_vector_step(*args)
+    return _ref_lanczos_vector.lanczos_vector_step(*args)
 
 
 # --- Block-sparse linear products (ops/block_sparse.py, reference/block_sparse.py) -----------

@@ -134,8 +134,10 @@ def test_synthetic_operator(synthetic, block_size, orthogonalization, device, mo
     twin_picked = spy.take()
     assert set(twin_picked) <= set(twin_module.SOLVER_OPS)
     assert all(picked == {"reference"} for picked in twin_picked.values()), twin_picked
-    if block_size is not None or device.type != "cpu":  # single vectors on CPU: column-major
+    if block_size is not None or device.type != "cpu":
         assert extension_picked["block_orth"] == {"cext"}
+    else:  # single vectors on CPU: column-major basis, one lanczos_vector_step per step
+        assert extension_picked["lanczos_vector"] == {"cext"}
     got, want = results["extension"], results["twin"]
     isolated = [i for i, value in enumerate(TOP) if TOP.count(value) == 1]
     _assert_same_solution(got, want, isolated)
