@@ -76,7 +76,11 @@ def module_unsupported_reason(module: nn.Module) -> str | None:
 def fused_unsupported_reason(
     model: nn.Module, loss_fn: Callable, inputs, targets, mode: str, output_shape
 ) -> str | None:
-    """Why the fused engine cannot run this problem; None when it can."""
+    """Why the fused engine cannot run this problem; None when it can.
+
+    ``output_shape`` None skips the loss check (:class:`FusedEngine` makes it itself, on the
+    output of its own forward).
+    """
     if mode != "eval":
         return "mode='train' (the fused engine evaluates Dropout and BatchNorm in eval mode)"
     if not isinstance(inputs, torch.Tensor):
@@ -88,6 +92,8 @@ def fused_unsupported_reason(
     reasons = [r for r in map(module_unsupported_reason, leaves) if r]
     if reasons:
         return "unsupported modules: " + ", ".join(reasons)
+    if output_shape is None:
+        return None
     return loss_unsupported_reason(loss_fn, tuple(output_shape), targets)
 
 

@@ -32,6 +32,7 @@ from imc_kernels.hvp.fused import FusedEngine, fused_unsupported_reason
 
 logger = logging.getLogger("imc_kernels")
 
+_FUSED_REASON = "every module and the loss have fused rules"
 _ENGINES = {"fused": FusedEngine, "func": FuncEngine, "double_backward": DoubleBackwardEngine}
 
 
@@ -190,14 +191,21 @@ class HessianOperator(FlatParameterOperator):
         self._warn_mode(model, mode)
 
         with self._context():
-            output = self._primal_output()
-            check_targets(output, self.targets, self.loss_fn)
-            self.loss = self.loss_fn(output, self.targets).detach()
-            check_finite_loss(self.loss)
-            self.engine, self.engine_reason = self._choose_engine(engine, output.shape)
-            self._engine = _ENGINES[self.engine](
-                model, self.layout, self.loss_fn, self.inputs, self.targets, curvature
-            )
+            fused = self._fused_first(engine, curvature)
+            if fused is not None:
+                self.loss = fused.loss.detach()
+                check_finite_loss(self.loss)
+                self.engine, self.engine_reason = "fused", _FUSED_REASON
+                self._engine = fused
+            else:
+                output = self._primal_output()
+                check_targets(output, self.targets, self.loss_fn)
+                self.loss = self.loss_fn(output, self.targets).detach()
+                check_finite_loss(self.loss)
+                self.engine, self.engine_reason = self._choose_engine(engine, output.shape)
+                self._engine = _ENGINES[self.engine](
+                    model, self.layout, self.loss_fn, self.inputs, self.targets, curvature
+                )
         if cuda_graph:
             if self.engine != "fused":  # engine="auto" picked another one
                 raise ValueError(
@@ -229,6 +237,29 @@ class HessianOperator(FlatParameterOperator):
                 stacklevel=3,
             )
 
+    def _fused_first(self, engine: str, curvature: str) -> FusedEngine | None:
+        """The fused engine, built before anything else when the modules allow it.
+
+        Its primal forward then serves the operator's own checks (targets, loss, finiteness),
+        so the model runs forward once, not twice (the separate forward took ~6 ms of a 0.27 s
+        LeNet-300-100 solve at k = 10). None when the fused engine cannot run or its
+        construction fails: the caller then runs the model's own forward, whose checks give
+        the errors.
+        """
+        if engine not in ("auto", "fused"):
+            return None
+        reason = fused_unsupported_reason(
+            self.model, self.loss_fn, self.inputs, self.targets, self.mode, None
+        )
+        if reason is not None:
+            return None
+        try:
+            return FusedEngine(
+                self.model, self.layout, self.loss_fn, self.inputs, self.targets, curvature
+            )
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            return None
+
     def _primal_output(self) -> torch.Tensor:
         shapes = [tuple(t.shape) for t in _tensors(self.inputs)]
         try:
@@ -245,7 +276,7 @@ class HessianOperator(FlatParameterOperator):
                 self.model, self.loss_fn, self.inputs, self.targets, self.mode, output_shape
             )
             if reason is None:
-                return "fused", "every module and the loss have fused rules"
+                return "fused", _FUSED_REASON
             if engine == "fused":
                 raise ValueError(f"engine='fused' cannot run this model: {reason}")
             if self.mode == "train" and stochastic_modules(self.model):

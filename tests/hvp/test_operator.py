@@ -165,6 +165,24 @@ def test_auto_picks_fused_for_supported_sequential(oracles):
     assert "fused" in repr(op)
 
 
+@pytest.mark.parametrize("engine", ["auto", "fused", "func"])
+def test_fused_engine_runs_the_model_forward_once(oracles, engine):
+    """With the fused engine the operator's checks read the engine's own primal forward: the
+    module's forward never runs (it did, a second time, before), and the loss is the model's
+    loss to fp32 rounding. Other engines still run it."""
+    model, loss_fn, batch = oracles.build_case("mlp_gelu")
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        op = HessianOperator(model, loss_fn, batch, engine=engine)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        want = loss_fn(model(batch[0]), batch[1])
+    assert (len(calls) == 0) == (op.engine == "fused")
+    torch.testing.assert_close(op.loss, want, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("kind", list(FALLBACKS))
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_auto_falls_back_to_func_and_is_right(oracles, kind, curvature):
