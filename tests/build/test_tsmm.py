@@ -161,6 +161,26 @@ def test_same_inputs_same_bits(n, m, b, device):
 
 
 @needs_extension
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,m", [(7, 9), (1000, 13), (4097, 64), (100003, 33), (2000, 512)])
+@pytest.mark.parametrize("layout", ["contiguous", "column_slice"])
+def test_gram_of_one_operand_equals_the_general_product(dtype, n, m, layout):
+    """``x^T x`` with x passed twice takes the symmetric path of the CPU kernel (blocks above
+    the diagonal only, mirrored); it must be bitwise the product of x with a copy of itself
+    (the general path), symmetric, and right against the fp64 oracle."""
+    x, _ = _inputs(n, m, 1, dtype, seed=11)
+    if layout == "column_slice":
+        wider = torch.randn(n, m + 5, dtype=dtype)
+        wider[:, 2 : 2 + m] = x
+        x = wider[:, 2 : 2 + m]
+    gram = torch.ops.imc_kernels.tsmm_xty(x, x)
+    general = torch.ops.imc_kernels.tsmm_xty(x, x.clone())
+    assert torch.equal(gram, general)
+    assert torch.equal(gram, gram.T)
+    _assert_matches_oracle(gram, x.contiguous(), x.contiguous())
+
+
+@needs_extension
 # (70, 1) and (1, 70): the narrow single-column kernel, one full column group plus a tail;
 # (124, 4) and (6, 37): the skinny kernel, either way round.
 @pytest.mark.parametrize("m,b", [(64, 8), (70, 1), (1, 70), (124, 4), (6, 37), (21, -1), (1, 1)])
