@@ -68,6 +68,26 @@ constexpr int64_t kCombineRows = 8;
 // scalar form with an array of row pointers was not vectorized and ran at half the speed of
 // the dot pass over the same rows.
 #if defined(__GNUC__)
+#define IMC_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define IMC_ALWAYS_INLINE inline
+#endif
+
+// The scalar form: the tail of a row range, and the whole range without vector extensions.
+template <typename scalar_t, int64_t kRows>
+IMC_ALWAYS_INLINE void subtract_group_scalar(const scalar_t* v, int64_t ldv,
+                                             const scalar_t* coeffs, const scalar_t* src,
+                                             scalar_t* dst, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    scalar_t acc = src[r];
+    for (int64_t q = 0; q < kRows; ++q) {
+      acc -= coeffs[q] * v[q * ldv + r];
+    }
+    dst[r] = acc;
+  }
+}
+
+#if defined(__GNUC__)
 template <typename scalar_t>
 struct Vec64 {
   typedef scalar_t type __attribute__((vector_size(64)));
@@ -75,7 +95,7 @@ struct Vec64 {
 };
 
 template <typename scalar_t, int64_t kRows>
-inline __attribute__((always_inline)) void subtract_group(const scalar_t* v, int64_t ldv,
+IMC_ALWAYS_INLINE void subtract_group(const scalar_t* v, int64_t ldv,
                                                           const scalar_t* coeffs,
                                                           const scalar_t* src, scalar_t* dst,
                                                           int64_t begin, int64_t end) {
@@ -96,30 +116,18 @@ inline __attribute__((always_inline)) void subtract_group(const scalar_t* v, int
     }
     __builtin_memcpy(dst + r, &acc, sizeof(vec_t));
   }
-  for (int64_t r = vector_end; r < end; ++r) {
-    scalar_t acc = src[r];
-    for (int64_t q = 0; q < kRows; ++q) {
-      acc -= coeffs[q] * v[q * ldv + r];
-    }
-    dst[r] = acc;
-  }
+  subtract_group_scalar<scalar_t, kRows>(v, ldv, coeffs, src, dst, vector_end, end);
 }
 #else
 template <typename scalar_t, int64_t kRows>
 void subtract_group(const scalar_t* v, int64_t ldv, const scalar_t* coeffs, const scalar_t* src,
                     scalar_t* dst, int64_t begin, int64_t end) {
-  for (int64_t r = begin; r < end; ++r) {
-    scalar_t acc = src[r];
-    for (int64_t q = 0; q < kRows; ++q) {
-      acc -= coeffs[q] * v[q * ldv + r];
-    }
-    dst[r] = acc;
-  }
+  subtract_group_scalar<scalar_t, kRows>(v, ldv, coeffs, src, dst, begin, end);
 }
 #endif
 
 template <typename scalar_t>
-inline __attribute__((always_inline)) void subtract_rows_impl(
+IMC_ALWAYS_INLINE void subtract_rows_impl(
     const scalar_t* v, int64_t ldv, int64_t m, const scalar_t* coeffs, const scalar_t* src,
     scalar_t* dst, int64_t begin, int64_t end) {
   const scalar_t* from = src;
