@@ -190,6 +190,22 @@ void scale(const double* src, double* dst, double factor, int64_t begin, int64_t
   }
 }
 
+// The first `count` chunk sums of `chunks` into `values` (fp64) and `cast` (rounded to the
+// working dtype once, for the updates); returns the sum of their squares.
+template <typename scalar_t>
+double collect(const RowChunks& chunks, int64_t count, std::vector<double>& values,
+               std::vector<scalar_t>& cast) {
+  values.resize(static_cast<size_t>(count));
+  cast.resize(static_cast<size_t>(count));
+  double squares = 0.0;
+  for (int64_t i = 0; i < count; ++i) {
+    values[i] = chunks.chunk_sum(i);
+    cast[i] = static_cast<scalar_t>(values[i]);
+    squares += values[i] * values[i];
+  }
+  return squares;
+}
+
 struct StepResult {
   std::vector<double> coeffs;  // (filled,): local + C1 (+ C2)
   double coupling = 0.0;
@@ -217,14 +233,9 @@ StepResult step(scalar_t* rows, int64_t ld, int64_t n, int64_t filled, int64_t l
     }
     dots_chunk(v_local, ld, w, local, begin, end, part);
   });
-  std::vector<double> local_coeffs(static_cast<size_t>(local));
-  std::vector<scalar_t> local_cast(static_cast<size_t>(local));
-  double prior = 0.0;
-  for (int64_t i = 0; i < local; ++i) {
-    local_coeffs[i] = first.chunk_sum(i);
-    local_cast[i] = static_cast<scalar_t>(local_coeffs[i]);
-    prior += local_coeffs[i] * local_coeffs[i];
-  }
+  std::vector<double> local_coeffs;
+  std::vector<scalar_t> local_cast;
+  const double prior = collect(first, local, local_coeffs, local_cast);
 
   // 2. w -= V_loc l, then C1 = V^T w, chunk by chunk.
   const RowChunks second =
@@ -234,14 +245,9 @@ StepResult step(scalar_t* rows, int64_t ld, int64_t n, int64_t filled, int64_t l
         }
         dots_chunk(v, ld, w, filled, begin, end, part);
       });
-  std::vector<double> c1(static_cast<size_t>(filled));
-  std::vector<scalar_t> c1_cast(static_cast<size_t>(filled));
-  double c1_sq = 0.0;
-  for (int64_t i = 0; i < filled; ++i) {
-    c1[i] = second.chunk_sum(i);
-    c1_cast[i] = static_cast<scalar_t>(c1[i]);
-    c1_sq += c1[i] * c1[i];
-  }
+  std::vector<double> c1;
+  std::vector<scalar_t> c1_cast;
+  const double c1_sq = collect(second, filled, c1, c1_cast);
 
   // 3. W1 = w - V C1 (into w) and ||W1||^2.
   const RowChunks third = run_row_chunks(n, 1, [&](int64_t begin, int64_t end, double* part) {
@@ -272,12 +278,9 @@ StepResult step(scalar_t* rows, int64_t ld, int64_t n, int64_t filled, int64_t l
     const RowChunks dots = run_row_chunks(n, filled, [&](int64_t begin, int64_t end, double* p) {
       dots_chunk(v, ld, w, filled, begin, end, p);
     });
-    std::vector<scalar_t> c2_cast(static_cast<size_t>(filled));
-    std::vector<double> c2(static_cast<size_t>(filled));
-    for (int64_t i = 0; i < filled; ++i) {
-      c2[i] = dots.chunk_sum(i);
-      c2_cast[i] = static_cast<scalar_t>(c2[i]);
-    }
+    std::vector<double> c2;
+    std::vector<scalar_t> c2_cast;
+    collect(dots, filled, c2, c2_cast);
     const RowChunks norm = run_row_chunks(n, 1, [&](int64_t begin, int64_t end, double* part) {
       subtract_rows(v, ld, filled, c2_cast.data(), w, slot, begin, end);
       dots_chunk(slot, n, slot, 1, begin, end, part);
