@@ -162,6 +162,10 @@ class FusedEngine:
             [slot.get(id(p)) if p.requires_grad else None for p in rule.params]
             for rule in self.rules
         ]
+        # Slots whose product comes from one rule alone (not a parameter shared by several):
+        # only those can be written into the output in place.
+        uses = [s for slots in self.param_slots for s in slots if s is not None]
+        self.single_rule_slots = {s for s in uses if uses.count(s) == 1}
         has_params = [any(s is not None for s in slots) for slots in self.param_slots]
         # Backward passes stop at the first rule with trainable parameters: nothing before it
         # has a product to receive, and that rule needs no input gradient.
@@ -180,9 +184,31 @@ class FusedEngine:
             for i in range(len(self.rules) - 1, self.first - 1, -1):
                 g = self.rules[i].primal_backward(g, i > self.first)
 
-    def matmat(self, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per parameter ``(b, *shape)`` tangents -> per parameter ``(b, *shape)`` products."""
+    def matmat(
+        self,
+        tangents: list[torch.Tensor],
+        destinations: list[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """Per parameter ``(b, *shape)`` tangents -> per parameter ``(b, *shape)`` products.
+
+        ``destinations`` (``b = 1``): per parameter, a parameter-shaped view of the caller's
+        output; rules may write their product there and return that view (the caller then
+        skips the copy), which only happens for parameters no other rule contributes to.
+        """
         b = tangents[0].shape[0]
+        if destinations is not None:
+            for rule, slots in zip(self.rules, self.param_slots):
+                rule.destinations = [
+                    destinations[s] if s in self.single_rule_slots else None for s in slots
+                ]
+        try:
+            return self._matmat(tangents, b)
+        finally:
+            if destinations is not None:
+                for rule in self.rules:
+                    rule.destinations = None
+
+    def _matmat(self, tangents: list[torch.Tensor], b: int) -> list[torch.Tensor]:
         with torch.no_grad():
             r = None
             for rule, slots in zip(self.rules, self.param_slots):

@@ -330,8 +330,13 @@ class HessianOperator(FlatParameterOperator):
 
     def _block_product(self, block: torch.Tensor) -> torch.Tensor:
         """``(dim, b) -> (dim, b)``: the work of one product, all a CUDA graph captures."""
-        pieces = self._engine.matmat(self.layout.split_block(block))
-        return self.layout.join_block(pieces, block.shape[1])
+        tangents = self.layout.split_block(block)
+        if block.shape[1] == 1 and isinstance(self._engine, FusedEngine):
+            # A single vector: the fused rules may write products straight into the output.
+            out = torch.empty(self.dim, 1, dtype=block.dtype, device=block.device)
+            views = self.layout.parameter_views(out[:, 0])
+            return self.layout.join_block(self._engine.matmat(tangents, views), 1, out=out)
+        return self.layout.join_block(self._engine.matmat(tangents), block.shape[1])
 
     def reset_graphs(self) -> None:
         """Free the CUDA graphs, their buffers and memory pools; the next product of each

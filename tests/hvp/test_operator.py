@@ -73,6 +73,23 @@ def test_block_equals_stacked_singles(oracles, case_name, engine, curvature):
     assert oracles.rel_err(together, singles) <= 1e-6
 
 
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_single_vector_products_written_in_place_are_independent(oracles, curvature):
+    """The fused engine writes a single vector's weight products straight into that call's
+    output: a later product (single or block) must not write into an earlier result, and the
+    in-place result equals the copying path's (a block of two with the vector twice)."""
+    op = _operator(oracles, "mlp_gelu", "fused", curvature)
+    v = oracles.random_block(op.dim, 2, seed=31)
+    first = op @ v[:, 0]
+    kept = first.clone()
+    second = op @ v[:, 1]
+    op @ oracles.random_block(op.dim, 3, seed=32)
+    assert torch.equal(first, kept)
+    assert first.data_ptr() != second.data_ptr()
+    pair = op @ torch.stack([v[:, 0], v[:, 0]], dim=1)
+    assert oracles.rel_err(first, pair[:, 0]) <= 1e-6
+
+
 @pytest.mark.parametrize("case_name", PROPERTY_CASES)
 @pytest.mark.parametrize(("engine", "curvature"), ENGINE_CURVATURES, ids=EC_IDS)
 def test_symmetry(oracles, case_name, engine, curvature):
@@ -299,6 +316,10 @@ def test_shared_parameter_matches_oracle(oracles, kind, engine, curvature):
     assert op.dim == 36 + 42 + 21 + (6 if kind == "weight_attribute" else 0) == reference.shape[0]
     block = oracles.random_block(op.dim, 3, seed=43)
     assert oracles.rel_err(op @ block, reference @ block.double()) <= 1e-5
+    # A single vector takes the fused engine's in-place output path, which must leave the
+    # shared parameter's product to the sum of both uses.
+    vector = block[:, 0]
+    assert oracles.rel_err(op @ vector, reference @ vector.double()) <= 1e-5
     _assert_untouched(model, before)
 
 

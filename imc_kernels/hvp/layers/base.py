@@ -118,6 +118,17 @@ class LayerRule:
         self.workspace = Workspace()
         # The engine's choice of shared buffer for this product's "rg_x" (see kept()).
         self.backward_key: tuple | None = None
+        # Set by the fused engine for a single-vector product: per parameter, a view of the
+        # operator's output where the rule may write that parameter's product directly (None:
+        # return it as usual). Cleared after each product.
+        self.destinations: list[torch.Tensor | None] | None = None
+
+    def destination(self, index: int, b: int) -> torch.Tensor | None:
+        """Where parameter ``index``'s product of a ``b``-vector block may be written in place
+        (``b = 1`` only), or None."""
+        if b != 1 or self.destinations is None:
+            return None
+        return self.destinations[index]
 
     def kept(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """An uninitialised ``shape`` buffer for this rule's ``role``, kept on the CPU.
