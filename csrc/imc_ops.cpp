@@ -90,13 +90,13 @@ void check_rows_addressable(const at::Tensor& t, const char* name) {
               t.sizes(), " and strides ", t.strides(), "; pass a .contiguous() copy");
 }
 
-void check_disjoint(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+void check_disjoint(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& b,
                     const char* b_name) {
   // TooHard (strided views of one buffer) is accepted: the Lanczos driver passes disjoint
   // column slices of its basis buffer.
   const auto status = at::get_overlap_status(a, b);
   TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial,
-              "imc_kernels::block_orth_step: `", a_name, "` and `", b_name,
+              "imc_kernels::", op, ": `", a_name, "` and `", b_name,
               "` share memory; they must be separate buffers");
 }
 
@@ -174,12 +174,12 @@ void block_orth_check_inputs(const at::Tensor& basis, int64_t filled, const at::
   check_rows_addressable(coeffs, "coeffs");
   check_rows_addressable(coeffs_first, "coeffs_first");
   check_rows_addressable(coupling, "coupling");
-  check_disjoint(block, "block", work, "work");
-  check_disjoint(block, "block", q, "q");
-  check_disjoint(work, "work", q, "q");
-  check_disjoint(basis, "basis", block, "block");
-  check_disjoint(basis, "basis", work, "work");
-  check_disjoint(coeffs, "coeffs", coeffs_first, "coeffs_first");
+  check_disjoint("block_orth_step", block, "block", work, "work");
+  check_disjoint("block_orth_step", block, "block", q, "q");
+  check_disjoint("block_orth_step", work, "work", q, "q");
+  check_disjoint("block_orth_step", basis, "basis", block, "block");
+  check_disjoint("block_orth_step", basis, "basis", work, "work");
+  check_disjoint("block_orth_step", coeffs, "coeffs", coeffs_first, "coeffs_first");
 }
 
 // Entry checks of lanczos_vector_step (its CPU kernel is csrc/lanczos/lanczos_vector_cpu.cpp).
@@ -213,22 +213,16 @@ void lanczos_vector_check_inputs(const at::Tensor& rows, int64_t filled, int64_t
               " and w on ", w.device());
   TORCH_CHECK(std::isfinite(tau) && tau >= 0.0,
               "imc_kernels::lanczos_vector_step needs a finite rank tolerance tau >= 0, got ", tau);
-  const auto check_apart = [](const at::Tensor& a, const char* a_name, const at::Tensor& b,
-                              const char* b_name) {
-    const auto status = at::get_overlap_status(a, b);
-    TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial,
-                "imc_kernels::lanczos_vector_step: `", a_name, "` and `", b_name,
-                "` share memory; they must be separate buffers");
-  };
-  check_apart(rows, "rows", w, "w");
+  constexpr const char* kOp = "lanczos_vector_step";
+  check_disjoint(kOp, rows, "rows", w, "w");
   if (product_out.has_value()) {
     const at::Tensor& out = *product_out;
     TORCH_CHECK(out.dim() == 1 && out.size(0) == n && out.stride(0) == 1 &&
                     out.scalar_type() == w.scalar_type() && out.device() == w.device(),
                 "imc_kernels::lanczos_vector_step needs product_out like w (contiguous (", n,
                 ",) ", w.scalar_type(), "), got sizes ", out.sizes(), " ", out.scalar_type());
-    check_apart(rows, "rows", out, "product_out");
-    check_apart(w, "w", out, "product_out");
+    check_disjoint(kOp, rows, "rows", out, "product_out");
+    check_disjoint(kOp, w, "w", out, "product_out");
   }
 }
 

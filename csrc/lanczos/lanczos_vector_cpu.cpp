@@ -25,10 +25,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "block_orth_factor.h"
 #include "tsmm_cpu.h"
 
 // The 512-bit vector types below live in always-inline helpers, so no value of them crosses a
@@ -56,24 +56,20 @@ namespace lanczos_vector_cpu {
 using tsmm_cpu::RowChunks;
 using tsmm_cpu::run_row_chunks;
 
-constexpr double kDgksEta = 0.7071067811865476;  // 1/sqrt(2), as reference/block_orth.py
-
 // Rows of the basis combined per sweep over a chunk of the output: enough to amortize the
 // load and store of the output (it stays in L1), few enough for the coefficients to stay in
 // registers.
 constexpr int64_t kCombineRows = 8;
 
-// dst[r] = src[r] - sum_i coeffs[i] v[i * ldv + r] for r in [begin, end), in the working dtype,
-// rows of v taken in order in groups of kCombineRows. src may be dst. Written with GCC/Clang vector types (64-byte vectors, one AVX-512 register): the
-// scalar form with an array of row pointers was not vectorized and ran at half the speed of
-// the dot pass over the same rows.
 #if defined(__GNUC__)
 #define IMC_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
 #define IMC_ALWAYS_INLINE inline
 #endif
 
-// The scalar form: the tail of a row range, and the whole range without vector extensions.
+// dst[r] = src[r] - sum_{q < kRows} coeffs[q] v[q * ldv + r] for r in [begin, end), in the
+// working dtype. src may be dst. The scalar form: the tail of a row range, and the whole range
+// without vector extensions.
 template <typename scalar_t, int64_t kRows>
 IMC_ALWAYS_INLINE void subtract_group_scalar(const scalar_t* v, int64_t ldv,
                                              const scalar_t* coeffs, const scalar_t* src,
@@ -94,11 +90,13 @@ struct Vec64 {
   static constexpr int64_t lanes = 64 / sizeof(scalar_t);
 };
 
+// The same with GCC/Clang vector types (64-byte vectors, one AVX-512 register): the scalar
+// form with an array of row pointers was not vectorized and ran at half the speed of the dot
+// pass over the same rows.
 template <typename scalar_t, int64_t kRows>
-IMC_ALWAYS_INLINE void subtract_group(const scalar_t* v, int64_t ldv,
-                                                          const scalar_t* coeffs,
-                                                          const scalar_t* src, scalar_t* dst,
-                                                          int64_t begin, int64_t end) {
+IMC_ALWAYS_INLINE void subtract_group(const scalar_t* v, int64_t ldv, const scalar_t* coeffs,
+                                      const scalar_t* src, scalar_t* dst, int64_t begin,
+                                      int64_t end) {
   using vec_t = typename Vec64<scalar_t>::type;
   constexpr int64_t lanes = Vec64<scalar_t>::lanes;
   const int64_t vector_end = begin + (end - begin) / lanes * lanes;
@@ -126,6 +124,8 @@ void subtract_group(const scalar_t* v, int64_t ldv, const scalar_t* coeffs, cons
 }
 #endif
 
+// dst = src - sum_i coeffs[i] v[i * ldv + .] over rows [begin, end), the rows of v taken in
+// order in groups of kCombineRows (after the first group, dst is updated in place).
 template <typename scalar_t>
 IMC_ALWAYS_INLINE void subtract_rows_impl(
     const scalar_t* v, int64_t ldv, int64_t m, const scalar_t* coeffs, const scalar_t* src,
@@ -266,7 +266,7 @@ StepResult step(scalar_t* rows, int64_t ld, int64_t n, int64_t filled, int64_t l
 
   bool project_twice = filled > 0;
   if (project_twice && auto_second) {
-    project_twice = !(r1 / std::sqrt(norms_sq) > kDgksEta);
+    project_twice = !(r1 / std::sqrt(norms_sq) > block_orth::kDgksEta);
   }
   result.projections = filled == 0 ? 0 : (project_twice ? 2 : 1);
   result.coeffs.assign(c1.begin(), c1.end());
@@ -293,7 +293,7 @@ StepResult step(scalar_t* rows, int64_t ld, int64_t n, int64_t filled, int64_t l
     }
     normalized_source = slot;
   } else {
-    result.info_second = g1 > 0.0 ? 0 : 1;
+    result.info_second = result.info_first;  // the twin's 1 x 1 Cholesky of ||W1 / r1||^2
   }
   result.deficient = (deficient_first || result.info_second != 0) ? 1 : 0;
   if (result.deficient) {
