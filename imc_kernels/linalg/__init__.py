@@ -4,8 +4,11 @@
 * :func:`slq`, :func:`density_on_grid`, :func:`cumulative_count`: stochastic Lanczos
   quadrature for the spectral density.
 * :mod:`imc_kernels.linalg.orthogonalize`: the tall-skinny orthogonalization they rest on.
+* :mod:`imc_kernels.linalg.buffers`: solver buffers kept from one CPU solve to the next
+  (``buffers.empty_cache()`` frees them).
 """
 
+from imc_kernels.linalg import buffers
 from imc_kernels.linalg.block_lanczos import (
     LanczosCycle,
     LanczosResult,
@@ -28,6 +31,7 @@ __all__ = [
     "block_cgs2",
     "block_lanczos",
     "block_orthonormalize",
+    "buffers",
     "cholqr",
     "cholqr2",
     "cumulative_count",

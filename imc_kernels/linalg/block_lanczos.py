@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from imc_kernels import ops
+from imc_kernels.linalg import buffers
 from imc_kernels.linalg.orthogonalize import (
     block_cgs2,
     block_orthonormalize,
@@ -434,7 +435,10 @@ class _BlockKrylovSchur:
             # rotation or repair) before anything reads it, and rows past the filled ones are
             # never read, so a solve that converges early never touches them (a zero fill cost
             # ~10 ms of page faults and stores for the MLP at k = 10, 10 of its 31 rows unused).
-            self.basis = torch.empty(m_max + b, n, dtype=dtype, device=device).T
+            # Taken from the buffer cache when a solve of the same size ran before (see
+            # imc_kernels.linalg.buffers: no page faults), and handed back by release().
+            self._basis_flat = buffers.take((m_max + b) * n, dtype, device)
+            self.basis = self._basis_flat.view(m_max + b, n).T
         else:
             # Row-major. On a GPU it grows with the basis: the projections there read whole
             # rows of it (see orthogonalize._row_major_parent), so a buffer much wider than
@@ -444,14 +448,16 @@ class _BlockKrylovSchur:
             # (~0.1 s of a 4 s MLP solve at k = 32). Zeros, not empty: no denormals there.
             full = m_max + b
             width = full if device.type == "cpu" else min(full, max(32, 4 * b))
-            self.basis = torch.zeros(n, width, dtype=dtype, device=device)
+            self._basis_flat = buffers.take(n * width, dtype, device, zero=True)
+            self.basis = self._basis_flat.view(n, width)
         # H V beside V: the final residuals H y - theta y come from the measured products
         # (H V) s, which costs no matvec; without it one more block product of the k vectors.
         # Stored transposed, (m_max, n): one block's products are then b contiguous rows,
         # written without the strided traffic of a column of a row-major buffer.
-        self.products_t = (
-            torch.empty(m_max, n, dtype=dtype, device=device) if store_products else None
-        )
+        self._products_flat = self.products_t = None
+        if store_products:
+            self._products_flat = buffers.take(m_max * n, dtype, device)
+            self.products_t = self._products_flat.view(m_max, n)
         self.reserve = 0 if store_products else k  # matvecs kept back for the final residuals
         self.projected = torch.zeros(m_max + b, m_max + b, dtype=torch.float64, device=device)
         self.flags = torch.zeros(m_max // b + 1, 2, dtype=torch.bool, device=device)
@@ -490,6 +496,16 @@ class _BlockKrylovSchur:
 
             desc = progress if isinstance(progress, str) else "block Lanczos"
             self.pbar = tqdm(total=budget, unit="matvec", desc=desc)
+
+    def release(self) -> None:
+        """Hand the basis and the stored products to the buffer cache for the next solve
+        (after the result is formed; the state is unusable afterwards). A buffer something
+        else still refers to (a view a callback kept) is dropped instead."""
+        flats = (self._basis_flat, self._products_flat)
+        self.basis = self.products_t = self._basis_flat = self._products_flat = None
+        for flat in flats:
+            if flat is not None:
+                buffers.give(flat)
 
     # ---- products and steps -------------------------------------------------------------
 
@@ -652,7 +668,7 @@ class _BlockKrylovSchur:
         )
         used = min(capacity, self.filled + self.b)
         grown[:, :used] = self.basis[:, :used]
-        self.basis = grown
+        self.basis, self._basis_flat = grown, None  # (a GPU buffer: never cached)
 
     def can_expand(self) -> bool:
         """Room for one more block in the basis and in the matvec budget."""
@@ -1246,4 +1262,6 @@ def block_lanczos(
         store_products=store_products,
         orthogonalization=orthogonalization,
     )
-    return solver.run()
+    result = solver.run()
+    solver.release()
+    return result
