@@ -140,9 +140,32 @@ def _trim(limit: int) -> None:
 
 def _sole_reference(buffer: torch.Tensor) -> bool:
     """Whether ``buffer`` is the only tensor on its memory (no view or result shares it)."""
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None or buffer._base is not None or buffer.storage_offset() != 0:
-        return False  # pragma: no cover - a torch without the counter: never cache
+    if _use_count_baseline() is None or buffer._base is not None or buffer.storage_offset() != 0:
+        return False
     storage = buffer.untyped_storage()
-    # References: the buffer's own TensorImpl and the `storage` object made just above.
-    return use_count(storage._cdata) == 2 and storage.nbytes() == _nbytes(buffer)
+    return torch._C._storage_Use_Count(
+        storage._cdata
+    ) == _use_count_baseline() and storage.nbytes() == _nbytes(buffer)
+
+
+_baseline: list[int | None] = []
+
+
+def _use_count_baseline() -> int | None:
+    """The storage use count torch reports for a tensor nothing else shares, or None when the
+    counter is missing or does not see views (then nothing is ever cached).
+
+    Calibrated on a probe rather than assumed: what the count includes (the tensor, the
+    Python storage object made to read it) differs between torch builds."""
+    if not _baseline:
+        counter = getattr(torch._C, "_storage_Use_Count", None)
+        value = None
+        if counter is not None:
+            probe = torch.empty(1)
+            alone = counter(probe.untyped_storage()._cdata)
+            view = probe.view(1)
+            if counter(probe.untyped_storage()._cdata) == alone + 1:
+                value = alone
+            del view
+        _baseline.append(value)
+    return _baseline[0]

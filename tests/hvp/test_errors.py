@@ -58,6 +58,11 @@ def test_no_trainable_parameters():
         HessianOperator(model, None, batch)
 
 
+# Under TRITON_INTERPRET=1 the cross-entropy kernel's tl.max runs as numpy's nanmax, which
+# warns on a row of logits that is all NaN (NaN inputs make every logit of that row NaN); the
+# compiled kernel propagates the NaN silently. Either way the loss is NaN and the error below
+# is what the user sees.
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
 @pytest.mark.parametrize("where", ["inputs", "parameter"])
 def test_non_finite_loss(where):
     model, (x, y) = _problem()
