@@ -244,6 +244,51 @@ def run_ours(problem: Problem, k: int, setting: dict, counter: Counter):
     return res.eigenvalues.cpu().numpy(), res.eigenvectors
 
 
+def time_split(problem: Problem, k: int, sync) -> dict:
+    """One more run of ours with the operator's setup and every product timed, each
+    synchronized on both sides: where the wall time goes. ``solver_share`` is the part spent
+    neither making the operator nor in its products (orthogonalization, Rayleigh-Ritz,
+    restarts, the final residuals): the GPU target of the Lanczos issue puts the
+    orthogonalization share under 15 percent, and this share bounds it from above. The
+    synchronizations add a little to the products on a GPU; the timed rows do not have them.
+    """
+    from imc_kernels.hvp import operator as operator_module
+
+    cls = operator_module.HessianOperator
+    original_init, original_matmat = cls.__init__, cls.matmat
+    spent = {"setup": 0.0, "products": 0.0}
+
+    def timed(name, function):
+        def wrapper(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                sync()
+                spent[name] += time.perf_counter() - start
+
+        return wrapper
+
+    cls.__init__, cls.matmat = timed("setup", original_init), timed("products", original_matmat)
+    try:
+        sync()
+        start = time.perf_counter()
+        run_ours(problem, k, {}, Counter(10**9, 1e9))
+        sync()
+        total = time.perf_counter() - start
+    finally:
+        cls.__init__, cls.matmat = original_init, original_matmat
+    rest = max(total - spent["setup"] - spent["products"], 0.0)
+    return {
+        "split_total_s": total,
+        "setup_s": spent["setup"],
+        "products_s": spent["products"],
+        "solver_s": rest,
+        "solver_share": rest / total if total > 0 else float("nan"),
+    }
+
+
 def run_pyhessian(problem: Problem, k: int, setting: dict, counter: Counter):
     import importlib
 
@@ -646,6 +691,14 @@ def run_model(name: str, args, settings: Settings, dataset, report: Report) -> N
             row = run_setting(method, label, setting, target_res)
             if method == "ours":
                 target_res = row.get("res") if row["status"] == "ok" else None
+                if row["status"] == "ok":
+                    row.update(time_split(problem, k, sync))
+                    print(
+                        f"  {name} k={k} ours time split: setup {row['setup_s']:.3f} s, "
+                        f"products {row['products_s']:.3f} s, solver {row['solver_s']:.3f} s "
+                        f"({100 * row['solver_share']:.0f} % of {row['split_total_s']:.3f} s)",
+                        flush=True,
+                    )
                 if row["status"] == "ok" and not row["right"]:
                     report.failures.append(
                         f"{name} k={k} ours: eigenvalue error {row['err']:.2e} > "
@@ -684,6 +737,16 @@ TABLE_COLUMNS = [
     ("right", "right"),
     ("reaches", "reaches ours"),
     ("status", "status"),
+]
+
+SPLIT_COLUMNS = [
+    ("model", "model"),
+    ("k", "k"),
+    ("split_total_s", "total s"),
+    ("setup_s", "setup s"),
+    ("products_s", "products s"),
+    ("solver_s", "solver s"),
+    ("solver_share", "solver share"),
 ]
 
 MODEL_COLUMNS = [
@@ -764,6 +827,19 @@ def markdown_summary(report: Report, metadata: dict, settings: Settings, source:
     lines += [f"- reference, {m['model']}: {m['reference']}" for m in report.models]
     lines += ["", harness.markdown_table(report.rows, TABLE_COLUMNS), "", "## Targets", ""]
     lines += [f"- {line}" for line in target_lines(report)]
+    splits = [r for r in report.rows if r["method"] == "ours" and "solver_share" in r]
+    if splits:
+        lines += [
+            "",
+            "## Where ours' time goes",
+            "",
+            "One more run of ours per row, with the operator's setup and every product timed "
+            "(each synchronized on both sides). `solver` = the rest: orthogonalization, "
+            "Rayleigh-Ritz, restarts and the final residuals; its share bounds the "
+            "orthogonalization share from above.",
+            "",
+            harness.markdown_table(splits, SPLIT_COLUMNS),
+        ]
     if report.notes or report.failures:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report.notes + report.failures]
     return "\n".join(lines) + "\n"

@@ -1,23 +1,34 @@
 #!/usr/bin/env bash
 # The GPU runs of issue 5 as one prepared script for a lent GPU machine (the `device` tool):
-# build the CUDA extension, run the whole test suite on the GPU, run the benchmarks, and leave
-# every log and result file under $OUT, which the tool brings back. Stages, so that each call
-# stays inside the tool's 10-minute limit and a killed call still returns what it wrote:
+# build the CUDA extension, run the GPU tests and the benchmarks, and leave every log and
+# result file under $OUT, which the tool brings back. Stages, each with its own time limit,
+# so that a call stays inside the tool's 10-minute limit and a killed call still returns what
+# it wrote. A task gets 15 minutes of device time in all, machine start included, so the
+# calls are planned to fit it, most valuable first (a warm machine keeps the build):
 #
-#   bash benchmarks/gpu_session.sh build test     # first call: about 5 minutes
-#   bash benchmarks/gpu_session.sh build bench    # second call (a fresh machine rebuilds)
+#   bash benchmarks/gpu_session.sh build test-gpu eig   # call 1: about 9 minutes at most
+#   bash benchmarks/gpu_session.sh hvp sparse           # call 2: about 3.5 minutes at most
+#   bash benchmarks/gpu_session.sh test prune           # only if time is left
 #
-# Prepare once on the CPU machine: `make gpu-carry` writes .gpu_carry/ (git-ignored):
-# Fashion-MNIST's IDX files and the peers' wheels (PyHessian, hessian-eigenthings, curvlinops
-# and einconv: the GPU image lacks them; it has numpy, scipy, matplotlib, tqdm, pytest, einops
-# and linear-operator). Name `.gpu_carry` in the tool's `carry`.
+# (On a fresh machine every call starts with `build`.) Prepare once on the CPU machine:
+# `make gpu-carry` writes .gpu_carry/ (git-ignored): Fashion-MNIST's IDX files and the peers'
+# wheels (PyHessian, hessian-eigenthings, curvlinops and einconv: the GPU image lacks them;
+# it has numpy, scipy, matplotlib, tqdm, pytest, einops and linear-operator). Name
+# `.gpu_carry` in the tool's `carry`.
 #
 # Stages:
-#   build  pip install --no-build-isolation --no-deps -e . (CUDA extension where nvcc and
-#          torch agree), env report; peers installed from .gpu_carry/wheels into /tmp/imc_site.
-#   test   the whole suite (pytest -x is not used: every failure is listed), 420 s at most.
-#   bench  hvp.py, eig.py (k = 1, 10, 32), sparse.py and prune.py --quick; results in
-#          $OUT/results/ to be committed under benchmarks/results/ with the device named.
+#   build     pip install --no-build-isolation --no-deps -e . (CUDA extension where nvcc and
+#             torch agree), env report; peers installed from .gpu_carry/wheels into
+#             /tmp/imc_site. 240 s at most.
+#   test-gpu  the tests that need the GPU (marker `gpu`, or a `cuda` parameter), 200 s.
+#   test      the whole suite (no -x: every failure is listed), 420 s.
+#   eig       eig.py, k = 10 and 32, ours against PyHessian and hessian-eigenthings, with the
+#             time split of ours (the orthogonalization-share target), 150 s.
+#   hvp       hvp.py, every model, engine and block size, 120 s.
+#   sparse    sparse.py (4096 x 4096, 80/90/95 % block sparsity, 2:4, the optimizer), 90 s.
+#   prune     prune.py --quick, 120 s.
+#   bench     eig hvp sparse prune.
+# Results go to $OUT/results/, to be committed under benchmarks/results/ with the device named.
 #
 # DRY=1 runs the stages on whatever device is there in --quick form without installing
 # (the CPU machine's check of this script: tests/benchmarks/test_gpu_session.py).
@@ -58,58 +69,66 @@ stage_build() {
     # Editable: the extension lands in imc_kernels/ beside the sources, which the tests and
     # the benchmarks import from the repository root (a plain install would be shadowed by
     # the source tree there and fall back to a JIT build).
-    MAX_JOBS=${MAX_JOBS:-16} run build 420 "$PYTHON" -m pip install --no-build-isolation \
+    MAX_JOBS=${MAX_JOBS:-16} run build 240 "$PYTHON" -m pip install --no-build-isolation \
       --no-deps -v -e .
     if compgen -G "$CARRY/wheels/*.whl" >/dev/null; then
-      run peers 120 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile \
+      run peers 60 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile \
         --no-cache-dir --upgrade --target /tmp/imc_site "$CARRY"/wheels/*.whl
       export PYTHONPATH=/tmp/imc_site${PYTHONPATH:+:$PYTHONPATH}
     else
       log "no peer wheels in $CARRY/wheels: the benchmarks report the peers unavailable"
     fi
   fi
-  run env_report 120 "$PYTHON" -m imc_kernels.env_report
+  run env_report 60 "$PYTHON" -m imc_kernels.env_report
   nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
 }
 
-stage_test() {
-  local args=(-q -rs -p no:cacheprovider)
+# tests NAME LIMIT PYTEST_ARGS...: a pytest run, its log in $OUT/NAME.log.
+tests() {
+  local name=$1 limit=$2
+  shift 2
+  local args=(-q -rs -p no:cacheprovider "$@")
   if [ "$DRY" = 1 ]; then
     args+=(tests/build/test_gemm.py)
   fi
   # Inside the repository the source tree shadows the installed package; the tests import the
   # built extension through imc_kernels._ext either way.
-  run pytest 420 "$PYTHON" -m pytest "${args[@]}"
-  tail -n 3 "$OUT/pytest.log" | tee -a "$OUT/session.log"
+  run "$name" "$limit" "$PYTHON" -m pytest "${args[@]}"
+  tail -n 3 "$OUT/$name.log" | tee -a "$OUT/session.log"
 }
 
 stage_bench() {
-  local quick=()
-  local eig_ks=1,10,32
+  local what=$1 quick=() results="$OUT/results"
   if [ "$DRY" = 1 ]; then
     quick=(--quick)
-    eig_ks=1
   fi
-  local results="$OUT/results"
-  run hvp 240 "$PYTHON" benchmarks/hvp.py "${quick[@]}" --max-call-s 20 --out "$results"
-  run eig 300 "$PYTHON" benchmarks/eig.py "${quick[@]}" --ks "$eig_ks" --max-run-s 30 \
-    --out "$results"
-  run sparse 180 "$PYTHON" benchmarks/sparse.py "${quick[@]}" --out "$results"
-  run prune 240 "$PYTHON" benchmarks/prune.py --quick --out "$results/prune-quick"
+  case $what in
+  eig)
+    local ks=10,32
+    if [ "$DRY" = 1 ]; then ks=1; fi
+    run eig 150 "$PYTHON" benchmarks/eig.py "${quick[@]}" --ks "$ks" \
+      --methods ours,pyhessian,eigenthings_lanczos --max-run-s 20 --out "$results"
+    ;;
+  hvp) run hvp 120 "$PYTHON" benchmarks/hvp.py "${quick[@]}" --max-call-s 10 --out "$results" ;;
+  sparse) run sparse 90 "$PYTHON" benchmarks/sparse.py "${quick[@]}" --out "$results" ;;
+  prune) run prune 120 "$PYTHON" benchmarks/prune.py --quick --out "$results/prune-quick" ;;
+  esac
   ls -R "$results" >>"$OUT/session.log"
 }
 
 if [ $# -eq 0 ]; then
-  set -- build test
+  set -- build test-gpu eig
 fi
 log "gpu_session: stages $*; OUT=$OUT; DRY=$DRY"
 for stage in "$@"; do
   case $stage in
   build) stage_build ;;
-  test) stage_test ;;
-  bench) stage_bench ;;
+  test-gpu) tests pytest-gpu 200 -k "cuda or gpu" ;;
+  test) tests pytest 420 ;;
+  eig | hvp | sparse | prune) stage_bench "$stage" ;;
+  bench) for part in eig hvp sparse prune; do stage_bench "$part"; done ;;
   *)
-    log "unknown stage $stage (build, test, bench)"
+    log "unknown stage $stage (build, test-gpu, test, eig, hvp, sparse, prune, bench)"
     exit 2
     ;;
   esac
