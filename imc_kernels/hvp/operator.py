@@ -283,6 +283,13 @@ class HessianOperator(FlatParameterOperator):
                 # Train-mode Dropout draws random masks and BatchNorm writes its running
                 # statistics, neither of which torch.func transforms allow; the gradient graph
                 # of double_backward is built once, so all products share one dropout mask.
+                if self.curvature == "ggn":
+                    raise ValueError(
+                        "curvature='ggn' cannot run mode='train' with Dropout/BatchNorm: the "
+                        "fused engine needs eval mode, torch.func (engine='func') forbids "
+                        "train-mode Dropout/BatchNorm, and engine='double_backward' computes "
+                        "Hessian products only; use mode='eval' or curvature='hessian'"
+                    )
                 return "double_backward", f"mode='train' with Dropout/BatchNorm ({reason})"
             return "func", f"fused engine unavailable: {reason}"
         if engine == "func" and self.mode == "train" and stochastic_modules(self.model):

@@ -228,22 +228,60 @@ def test_train_mode_warns_not_deterministic(kind):
     assert op @ torch.ones(op.dim, 3) is not None
 
 
+def _train_mode_batchnorm_hessian(model, batch) -> torch.Tensor:
+    """Dense fp64 Hessian of _train_model("batchnorm") in train mode, written out by hand
+    (batch statistics, biased variance, as BatchNorm1d normalizes in training) and
+    differentiated by torch.func: an oracle independent of every engine."""
+    x, y = batch
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    eps = model[1].eps
+
+    def loss(flat):
+        w1, b1, gamma, beta, w2, b2 = (
+            t.view(shape) for t, shape in zip(flat.split(sizes), shapes, strict=True)
+        )
+        h = x.double() @ w1.T + b1
+        mean, var = h.mean(0), h.var(0, unbiased=False)
+        h = (h - mean) / torch.sqrt(var + eps) * gamma + beta
+        return nn.functional.cross_entropy(torch.tanh(h) @ w2.T + b2, y)
+
+    flat = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+    return torch.func.hessian(loss)(flat)
+
+
 @pytest.mark.parametrize("kind", ["dropout", "batchnorm"])
 def test_train_mode_products_with_auto_engine(kind):
-    """mode='train' is a documented mode, and auto picks func for it: products must run.
+    """mode='train' is a documented mode, and auto picks double_backward for it (torch.func
+    forbids Dropout's masks and BatchNorm's running-statistic writes): products must run.
 
-    BatchNorm in train mode (batch statistics) is deterministic, so the func products must
-    equal the double_backward ones; Dropout draws masks, so only shape and finiteness hold.
+    BatchNorm in train mode (batch statistics) is deterministic, so its products must match
+    the dense Hessian of the train-mode loss; Dropout draws masks, so only shape and
+    finiteness hold.
     """
     model, batch = _train_model(kind)
     with pytest.warns(UserWarning, match="not deterministic"):
         op = HessianOperator(model, None, batch, mode="train")
+    assert op.engine == "double_backward" and "mode='train'" in op.engine_reason
     block = torch.randn(op.dim, 3, generator=torch.Generator().manual_seed(5))
     out = op @ block
     assert out.shape == (op.dim, 3) and torch.isfinite(out).all()
     if kind == "batchnorm":
-        with pytest.warns(UserWarning):
-            reference = (
-                HessianOperator(model, None, batch, mode="train", engine="double_backward") @ block
-            )
-        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+        dense = _train_mode_batchnorm_hessian(model, batch)
+        expected = (dense @ block.double()).float()
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * dense.abs().max().item())
+        # And the eval-mode operator (running statistics) is a different matrix.
+        with pytest.warns(UserWarning, match="eval mode"):
+            eval_out = HessianOperator(model, None, batch) @ block
+        assert not torch.allclose(eval_out, out, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["dropout", "batchnorm"])
+def test_ggn_in_train_mode_names_what_to_change(kind):
+    model, batch = _train_model(kind)
+    message = "curvature='ggn' cannot run mode='train'.*mode='eval'"
+    with (
+        pytest.warns(UserWarning, match="not deterministic"),
+        pytest.raises(ValueError, match=message),
+    ):
+        HessianOperator(model, None, batch, mode="train", curvature="ggn")
