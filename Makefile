@@ -18,7 +18,10 @@ $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)" numpy pybind11 ninja pytest \
 		ruff==0.17.6 scipy tqdm matplotlib==3.11.2 scikit-learn==1.9.1
-	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	@# pip shows a build's output only with -v: keep it in a log, print the build's own line.
+	$(PYTHON) -m pip install -v --no-build-isolation --no-deps -e . >$(VENV)/build.log 2>&1 \
+		|| { tail -n 40 $(VENV)/build.log; exit 1; }
+	@sed -n 's/^ *\(imc_kernels: .*\)/\1/p' $(VENV)/build.log
 	touch $@
 
 setup: $(VENV)/.installed
@@ -55,7 +58,8 @@ fashion-mnist:
 # Editable install against the installed torch; builds imc_kernels._C (CPU, plus CUDA when
 # the rule in imc_kernels/_ext.py holds) and prints one line saying which and why.
 install:
-	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+	@log=$$(mktemp); $(PYTHON) -m pip install -v --no-build-isolation --no-deps -e . >$$log 2>&1 \
+		|| { tail -n 40 $$log; rm -f $$log; exit 1; }; sed -n 's/^ *\(imc_kernels: .*\)/\1/p' $$log; rm -f $$log
 
 test:
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
