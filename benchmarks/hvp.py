@@ -612,8 +612,15 @@ class Report:
     def set_unit(self, first: int, grad: harness.Measurement):
         """Gradient time and ratios for the rows from ``first`` on (one model's rows)."""
         for row in self.rows[first:]:
+            per_vector = row["_per_vector"]
             row["grad_ms"] = grad.median * 1e3
-            row["ratio_to_grad"] = row["_per_vector"].median / grad.median
+            row["ratio_to_grad"] = per_vector.median / grad.median
+            # The spread of the per-vector time, in the same unit (the gradient's median).
+            row["ratio_p20"] = per_vector.p20 / grad.median
+            row["ratio_p80"] = per_vector.p80 / grad.median
+            row["_ratio"] = (
+                f"{row['ratio_to_grad']:.3f} [{row['ratio_p20']:.3f}, {row['ratio_p80']:.3f}]"
+            )
 
     def unavailable(self, what: str, why: str | None):
         self.skip(what, f"unavailable -- {why}")
@@ -639,7 +646,7 @@ TABLE_COLUMNS = [
     ("method", "method"),
     ("curvature", "curv"),
     ("_per_vector", "ms/vector median [p20, p80]"),
-    ("ratio_to_grad", "x grad"),
+    ("_ratio", "x grad median [p20, p80]"),
     ("setup_ms", "setup ms"),
     ("gflops", "GFLOP/s"),
     ("rel_err", "rel err"),
@@ -671,8 +678,9 @@ def markdown_summary(report: Report, metadata: dict, settings: Settings) -> str:
         f"- mode: {'quick (smoke numbers)' if settings.quick else 'full'}",
         "",
         "Per-vector time = one block call / b, median and [20th, 80th] percentiles over calls "
-        "with fresh random vectors. `x grad` = per-vector time / time of one gradient "
-        "(forward + backward) in the same run. `setup` = building the method (for ours, "
+        "with fresh random vectors. `x grad` = per-vector time / median time of one gradient "
+        "(forward + backward) in the same run; its [p20, p80] are the per-vector "
+        "percentiles over that same median. `setup` = building the method (for ours, "
         "the operator with its cached primal pass). GFLOP/s = cost-model GEMM FLOPs of one "
         "product (tangent passes only, `notes/kernel_design.md` section 1) / per-vector time "
         "(gradient row: forward + backward GEMM FLOPs / its time). "
