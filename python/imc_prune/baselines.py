@@ -16,6 +16,12 @@ With training (Lottery Ticket Hypothesis, Frankle & Carbin, ICLR 2019):
 - :func:`imp`: iterative magnitude pruning, 20 percent of the remaining weights per round,
   rewinding to ``W0`` or to an early iteration (Frankle et al., ICML 2020).
 
+Every method takes ``granularity`` and ``block_size`` (see
+:func:`imc_prune.masks.masks_from_scores`): masks of single weights (``"element"``, the
+default), of ``block_size`` tiles ranked by their summed scores (``"block"``), or keeping 2 of
+every 4 weights along the input dimension (``"2:4"``, at sparsity 0.5 only). The structure is
+checked against the model's weights before any score is computed or any network trained.
+
 Scores are computed on the caller's model without changing it (weights, gradients, mode and
 buffers are left as they were); the methods that train work on a deep copy and return the
 weights to train the masked network from in :attr:`PruneInfo.rewind_state`.
@@ -42,12 +48,14 @@ from torch import nn
 
 import imc_kernels
 from imc_prune.masks import (
+    check_granularity,
     check_masks,
     check_sparsity,
     dense_masks,
     masks_from_scores,
     prunable_parameters,
     sparsity_report,
+    weights_per_unit,
 )
 from imc_prune.train import TrainResult, planned_steps, resolve_config, train
 
@@ -103,8 +111,17 @@ def random_scores(model: nn.Module, *, seed: int = 0) -> dict[str, torch.Tensor]
     }
 
 
-def random(model: nn.Module, sparsity: float, *, scope: str = "global", seed: int = 0) -> Masks:
-    """Random pruning: every prunable weight equally likely to be kept.
+def random(
+    model: nn.Module,
+    sparsity: float,
+    *,
+    scope: str = "global",
+    seed: int = 0,
+    granularity: str = "element",
+    block_size: int | None = None,
+) -> Masks:
+    """Random pruning: every prunable weight (tile, pair of a group of 4) equally likely to
+    be kept.
 
     Args:
         model: the network (not modified).
@@ -112,12 +129,13 @@ def random(model: nn.Module, sparsity: float, *, scope: str = "global", seed: in
         scope: ``"global"`` (exactly ``round((1 - s) N)`` kept over all layers) or
             ``"layerwise"`` (the same fraction in every layer).
         seed: the random draw.
+        granularity, block_size: the masks' structure (module docstring).
 
     Returns:
         A mask set.
 
     Raises:
-        ValueError: bad sparsity or scope.
+        ValueError: bad sparsity, scope or structure.
 
     Example:
         >>> masks = random(nn.Linear(10, 10), 0.3, seed=1)
@@ -125,7 +143,14 @@ def random(model: nn.Module, sparsity: float, *, scope: str = "global", seed: in
         70
     """
     sparsity = check_sparsity(sparsity)
-    return masks_from_scores(random_scores(model, seed=seed), sparsity, scope=scope)
+    _check_structure(model, granularity, block_size, sparsity)
+    return masks_from_scores(
+        random_scores(model, seed=seed),
+        sparsity,
+        scope=scope,
+        granularity=granularity,
+        block_size=block_size,
+    )
 
 
 def magnitude_scores(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -138,19 +163,28 @@ def magnitude_scores(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().abs() for name, p in prunable_parameters(model).items()}
 
 
-def magnitude(model: nn.Module, sparsity: float, *, scope: str = "global") -> Masks:
-    """Magnitude pruning of the current weights: keep the largest ``|w|``.
+def magnitude(
+    model: nn.Module,
+    sparsity: float,
+    *,
+    scope: str = "global",
+    granularity: str = "element",
+    block_size: int | None = None,
+) -> Masks:
+    """Magnitude pruning of the current weights: keep the largest ``|w|`` (the tiles with the
+    largest ``sum |w|`` for ``granularity="block"``).
 
     Args:
         model: the network (not modified).
         sparsity: fraction to remove, in ``[0, 1)``.
         scope: ``"global"`` or ``"layerwise"``.
+        granularity, block_size: the masks' structure (module docstring).
 
     Returns:
         A mask set.
 
     Raises:
-        ValueError: bad sparsity or scope.
+        ValueError: bad sparsity, scope or structure.
 
     Example:
         >>> layer = nn.Linear(2, 1)
@@ -158,9 +192,18 @@ def magnitude(model: nn.Module, sparsity: float, *, scope: str = "global") -> Ma
         ...     layer.weight.copy_(torch.tensor([[0.1, -2.0]]))
         >>> magnitude(layer, 0.5)["weight"]
         tensor([[False,  True]])
+        >>> magnitude(nn.Linear(8, 4), 0.5, granularity="block", block_size=2)["weight"].sum()
+        tensor(16)
     """
     sparsity = check_sparsity(sparsity)
-    return masks_from_scores(magnitude_scores(model), sparsity, scope=scope)
+    _check_structure(model, granularity, block_size, sparsity)
+    return masks_from_scores(
+        magnitude_scores(model),
+        sparsity,
+        scope=scope,
+        granularity=granularity,
+        block_size=block_size,
+    )
 
 
 def snip_scores(model: nn.Module, batch, *, loss_fn: Callable | None = None) -> Masks:
@@ -203,6 +246,8 @@ def snip(
     *,
     loss_fn: Callable | None = None,
     scope: str = "global",
+    granularity: str = "element",
+    block_size: int | None = None,
 ) -> Masks:
     """SNIP (Lee, Ajanthan & Torr, ICLR 2019): keep the largest ``|g ⊙ w|`` at init.
 
@@ -213,12 +258,13 @@ def snip(
         sparsity: fraction to remove, in ``[0, 1)``.
         loss_fn: as :func:`snip_scores`.
         scope: ``"global"`` (the paper) or ``"layerwise"``.
+        granularity, block_size: the masks' structure (module docstring).
 
     Returns:
         A mask set.
 
     Raises:
-        ValueError: bad sparsity, scope or batch.
+        ValueError: bad sparsity, scope, structure or batch.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
@@ -227,7 +273,14 @@ def snip(
         9
     """
     sparsity = check_sparsity(sparsity)
-    return masks_from_scores(snip_scores(model, batch, loss_fn=loss_fn), sparsity, scope=scope)
+    _check_structure(model, granularity, block_size, sparsity)
+    return masks_from_scores(
+        snip_scores(model, batch, loss_fn=loss_fn),
+        sparsity,
+        scope=scope,
+        granularity=granularity,
+        block_size=block_size,
+    )
 
 
 def grasp_scores(
@@ -302,6 +355,8 @@ def grasp(
     temperature: float = 200.0,
     scope: str = "global",
     engine: str = "auto",
+    granularity: str = "element",
+    block_size: int | None = None,
 ) -> Masks:
     """GraSP (Wang, Zhang & Grosse, ICLR 2020): remove the weights with the highest
     ``-w ⊙ (H g)``, those whose removal least reduces the gradient norm after pruning.
@@ -312,12 +367,14 @@ def grasp(
         sparsity: fraction to remove, in ``[0, 1)``.
         loss_fn, temperature, engine: as :func:`grasp_scores`.
         scope: ``"global"`` (the paper) or ``"layerwise"``.
+        granularity, block_size: the masks' structure (module docstring); tiles are ranked
+            by their summed scores, lowest kept.
 
     Returns:
         A mask set keeping the ``round((1 - s) N)`` lowest scores (ties to the lower index).
 
     Raises:
-        ValueError: bad sparsity, scope, temperature or batch.
+        ValueError: bad sparsity, scope, structure, temperature or batch.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
@@ -326,8 +383,15 @@ def grasp(
         9
     """
     sparsity = check_sparsity(sparsity)
+    _check_structure(model, granularity, block_size, sparsity)
     scores = grasp_scores(model, batch, loss_fn=loss_fn, temperature=temperature, engine=engine)
-    return masks_from_scores({k: -s for k, s in scores.items()}, sparsity, scope=scope)
+    return masks_from_scores(
+        {k: -s for k, s in scores.items()},
+        sparsity,
+        scope=scope,
+        granularity=granularity,
+        block_size=block_size,
+    )
 
 
 def synflow_scores(
@@ -380,6 +444,8 @@ def synflow(
     iterations: int = 100,
     scope: str = "global",
     dtype: torch.dtype = torch.float64,
+    granularity: str = "element",
+    block_size: int | None = None,
 ) -> Masks:
     """SynFlow (Tanaka, Kunin, Yamins & Ganguli, NeurIPS 2020): iterative, data-free.
 
@@ -389,6 +455,11 @@ def synflow(
     lands exactly on ``sparsity``; masks are nested. The caller's model is untouched (the
     paper's sign restore is implicit: the linearisation happens on a copy).
 
+    With ``granularity="block"`` every iteration keeps whole tiles (pruned tiles score below
+    every survivor, so masks stay nested). ``granularity="2:4"`` has one sparsity, 0.5, and no
+    schedule to follow: the dense network is scored once and each group of 4 keeps its 2 best
+    (the schedule exists to avoid layer collapse, which 2:4 rules out: every layer keeps half).
+
     Args:
         model: the network at initialisation (not modified).
         sparsity: fraction to remove, in ``[0, 1)``.
@@ -396,12 +467,13 @@ def synflow(
         iterations: pruning iterations (the paper uses 100).
         scope: ``"global"`` (the paper) or ``"layerwise"``.
         dtype: precision of the linearised copy.
+        granularity, block_size: the masks' structure (module docstring).
 
     Returns:
         A mask set.
 
     Raises:
-        ValueError: bad sparsity, scope, iterations or input shape.
+        ValueError: bad sparsity, scope, structure, iterations or input shape.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -413,17 +485,22 @@ def synflow(
     if not _is_int(iterations) or iterations < 1:
         raise ValueError(f"iterations must be a positive int, got {iterations!r}")
     input_shape = _check_input_shape(input_shape)
+    _check_structure(model, granularity, block_size, sparsity)
     work, originals = _linearised_copy(model, dtype)
     masks = dense_masks(work)
     if sparsity == 0.0:
         return masks
+    structure = {"scope": scope, "granularity": granularity, "block_size": block_size}
+    if granularity == "2:4":
+        _load_masked(work, originals, masks)
+        return masks_from_scores(_synflow_pass(work, input_shape), sparsity, **structure)
     density = 1.0 - sparsity
     for k in range(1, iterations + 1):
         _load_masked(work, originals, masks)
         scores = _synflow_pass(work, input_shape)
         scores = {name: s.masked_fill(~masks[name], _PRUNED_SCORE) for name, s in scores.items()}
         step_sparsity = sparsity if k == iterations else 1.0 - density ** (k / iterations)
-        masks = masks_from_scores(scores, step_sparsity, scope=scope)
+        masks = masks_from_scores(scores, step_sparsity, **structure)
     return masks
 
 
@@ -507,6 +584,8 @@ class PruneInfo:
         rewind_state: ``state_dict`` to train the masked network from (load it, then call
             :func:`imc_prune.train` with the masks).
         results: each round's :class:`imc_prune.train.TrainResult`.
+        granularity: the masks' structure, one of :data:`imc_prune.masks.GRANULARITIES`.
+        block_size: the tile edge for ``granularity="block"``, else None.
     """
 
     method: str
@@ -521,6 +600,8 @@ class PruneInfo:
     rewind_step: int | None
     rewind_state: dict[str, torch.Tensor]
     results: list[TrainResult]
+    granularity: str = "element"
+    block_size: int | None = None
 
     @property
     def trained_acc(self) -> float | None:
@@ -536,6 +617,8 @@ def one_shot_magnitude(
     rewind: str | int | None = "init",
     train_kwargs: Mapping | None = None,
     scope: str = "global",
+    granularity: str = "element",
+    block_size: int | None = None,
 ) -> tuple[Masks, PruneInfo]:
     """One-shot lottery ticket: train dense, keep the largest trained weights, rewind.
 
@@ -549,13 +632,15 @@ def one_shot_magnitude(
         train_kwargs: keyword arguments of :func:`imc_prune.train` (a ``preset``, ``epochs``
             or ``steps``, ``seed``, ...); a ``callback`` there is called as usual.
         scope: ``"global"`` or ``"layerwise"``.
+        granularity, block_size: the masks' structure (module docstring); checked before
+            the dense training.
 
     Returns:
         ``(masks, info)``; ``info.trained_acc`` is the dense accuracy, ``info.rewind_state``
         the weights to train the ticket from.
 
     Raises:
-        ValueError: bad sparsity, scope, rewind or training arguments.
+        ValueError: bad sparsity, scope, structure, rewind or training arguments.
 
     Example:
         >>> data = load_dataset("digits", flatten=True)
@@ -566,6 +651,7 @@ def one_shot_magnitude(
     """
     started = time.perf_counter()
     sparsity = check_sparsity(sparsity)
+    _check_structure(model, granularity, block_size, sparsity)
     rewind_step = _check_rewind(rewind)
     kwargs, user_callback = _check_train_kwargs(train_kwargs, data, rewind_step)
     work = copy.deepcopy(model)
@@ -573,7 +659,13 @@ def one_shot_magnitude(
     snapshots: dict[int, dict] = {}
     capture = _capture(user_callback, rewind_step, snapshots)
     result = train(work, None, data, **kwargs, callback=capture)
-    masks = masks_from_scores(magnitude_scores(work), sparsity, scope=scope)
+    masks = masks_from_scores(
+        magnitude_scores(work),
+        sparsity,
+        scope=scope,
+        granularity=granularity,
+        block_size=block_size,
+    )
     if rewind_step is None:
         state = _snapshot(work)
     else:
@@ -591,6 +683,8 @@ def one_shot_magnitude(
         rewind_step=rewind_step,
         rewind_state=state,
         results=[result],
+        granularity=granularity,
+        block_size=block_size,
     )
 
 
@@ -623,6 +717,8 @@ def imp(
     train_kwargs: Mapping | None = None,
     scope: str = "global",
     callback: Callable[[int, Masks, TrainResult], object] | None = None,
+    granularity: str = "element",
+    block_size: int | None = None,
 ) -> tuple[Masks, PruneInfo]:
     """Iterative magnitude pruning with rewinding (LTH; Frankle & Carbin 2019).
 
@@ -634,6 +730,11 @@ def imp(
     with the same ``train_kwargs``. The last round's masks are returned; training them from
     ``info.rewind_state`` is left to the caller (so IMP trains ``rounds + 1`` times in all).
 
+    With ``granularity="block"`` the schedule counts tiles instead of weights (every round
+    removes ``rate`` of the surviving tiles, at least one). ``granularity="2:4"`` is refused:
+    2:4 masks exist at sparsity 0.5 only, so there is no sequence of rounds to take
+    (:func:`one_shot_magnitude` prunes to 2:4 in one round).
+
     Args:
         model: the network at initialisation ``W0`` (not modified: a copy is trained).
         data: a :class:`imc_prune.data.DatasetSplits`.
@@ -644,13 +745,15 @@ def imp(
         scope: ``"global"`` (the paper's choice for the conv nets) or ``"layerwise"``.
         callback: ``callback(round, masks, result)`` after each round (1-based), with that
             round's masks and training result.
+        granularity, block_size: the masks' structure (module docstring); ``"element"`` or
+            ``"block"``.
 
     Returns:
         ``(masks, info)`` with the rounds, per-round accuracies and the total SGD steps.
 
     Raises:
-        ValueError: bad sparsity, rate, scope, rewind step (also one past the length of a
-            training run) or training arguments.
+        ValueError: bad sparsity, rate, scope, structure (``"2:4"`` included), rewind step
+            (also one past the length of a training run) or training arguments.
 
     Example:
         >>> data = load_dataset("digits", flatten=True)
@@ -664,14 +767,23 @@ def imp(
     _check_rate(rate)
     if scope not in ("global", "layerwise"):
         raise ValueError(f"scope must be one of ('global', 'layerwise'), got {scope!r}")
+    if granularity == "2:4":
+        raise ValueError(
+            "imp cannot prune to granularity='2:4': 2:4 masks exist at sparsity 0.5 only, so "
+            "there are no rounds of 20 % to take; use one_shot_magnitude(granularity='2:4')"
+        )
+    _check_structure(model, granularity, block_size, sparsity)
     if not _is_int(rewind_step) or rewind_step < 0:
         raise ValueError(f"rewind_step must be an int >= 0, got {rewind_step!r}")
     kwargs, user_callback = _check_train_kwargs(train_kwargs, data, rewind_step)
     work = copy.deepcopy(model)
     initial = _snapshot(work)
     masks = dense_masks(work)
-    n_weights = sum(mask.numel() for mask in masks.values())
-    counts = imp_schedule(n_weights, sparsity, rate)
+    # Counted in the units the masks keep or prune together: weights, or tiles.
+    n_units = sum(mask.numel() for mask in masks.values()) // weights_per_unit(
+        granularity, block_size
+    )
+    counts = imp_schedule(n_units, sparsity, rate)
 
     snapshots: dict[int, dict] = {}
     results: list[TrainResult] = []
@@ -688,7 +800,13 @@ def imp(
             name: s.masked_fill(~masks[name], _PRUNED_SCORE)
             for name, s in magnitude_scores(work).items()
         }
-        masks = masks_from_scores(scores, 1.0 - kept / n_weights, scope=scope)
+        masks = masks_from_scores(
+            scores,
+            1.0 - kept / n_units,
+            scope=scope,
+            granularity=granularity,
+            block_size=block_size,
+        )
         round_sparsities.append(_mask_sparsity(masks))
         if round_index == 1 and rewind_step > 0:
             rewind_state = snapshots[rewind_step]
@@ -707,6 +825,8 @@ def imp(
         rewind_step=rewind_step,
         rewind_state=rewind_state,
         results=results,
+        granularity=granularity,
+        block_size=block_size,
     )
 
 
@@ -716,6 +836,16 @@ def imp(
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_structure(model: nn.Module, granularity: str, block_size, sparsity: float) -> None:
+    """The masks' structure against the model's weights, before any score or training."""
+    check_granularity(
+        granularity,
+        block_size,
+        sparsity=sparsity,
+        shapes={name: param.shape for name, param in prunable_parameters(model).items()},
+    )
 
 
 def _check_rate(rate) -> None:

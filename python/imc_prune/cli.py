@@ -20,6 +20,7 @@ Example:
     $ imc-prune run --method snip --remaining 5%
     $ imc-prune run --remaining auto 5% 2%            # IMC at its own sparsity and two more
     $ imc-prune compare --methods imc-magnitude snip imp --remaining 0.2 0.05 auto --seeds 0 1
+    $ imc-prune compare --methods imc snip --remaining 0.2 --granularity block --block-size 2
     $ imc-prune spectrum --model conv2 --k 64
     $ python -m imc_prune run --quick --method imc     # a smoke test in seconds
 """
@@ -37,7 +38,7 @@ from pathlib import Path
 
 from imc_prune import experiment, report
 from imc_prune.data import DATASET_NAMES, DatasetNotFoundError
-from imc_prune.masks import SCOPES
+from imc_prune.masks import GRANULARITIES, SCOPES
 from imc_prune.models import MODEL_NAMES
 
 DEFAULT_DATASET = "fashion-mnist"
@@ -233,6 +234,21 @@ def _pruning_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--scope", choices=SCOPES, default=None, help="mask scope, IMC's too (global)"
     )
+    group.add_argument(
+        "--granularity",
+        choices=GRANULARITIES,
+        default=None,
+        help="mask structure, IMC's too: single weights (element, the default), square tiles "
+        "of --block-size (block), or 2 of every 4 along the input dimension (2:4, at 50 %% "
+        "remaining only, not with imp)",
+    )
+    group.add_argument(
+        "--block-size",
+        type=_positive_int,
+        default=None,
+        help="tile edge for --granularity block; must divide both dimensions of every weight "
+        "matrix (2 for LeNet-300-100: its last layer has 10 outputs)",
+    )
     group.add_argument("--imp-rate", type=float, default=None, help="IMP rate per round (0.2)")
     group.add_argument(
         "--rewind-step", type=int, default=None, help="IMP/one-shot rewind step (0 = W0)"
@@ -312,11 +328,15 @@ def _settings(args) -> dict:
     train.update(_pick(args, _TRAIN_OPTIONS))
     imc = dict(QUICK_IMC) if args.quick else {}
     imc.update(_pick(args, _IMC_OPTIONS))
-    if getattr(args, "scope", None) is not None:
-        imc["scope"] = args.scope  # IMC's masks too, not only the baselines'
+    # IMC's masks too, not only the baselines'.
+    for option in ("scope", "granularity", "block_size"):
+        if getattr(args, option, None) is not None:
+            imc[option] = getattr(args, option)
     baseline = dict(QUICK_BASELINE) if args.quick else {}
     for option, key in (
         ("scope", "scope"),
+        ("granularity", "granularity"),
+        ("block_size", "block_size"),
         ("imp_rate", "imp_rate"),
         ("rewind_step", "rewind_step"),
     ):
@@ -368,6 +388,22 @@ def _specs(make) -> list:
         return make()
     except (ValueError, TypeError) as exc:
         raise CLIError(str(exc)) from None
+
+
+def _check_structure(specs, cache: experiment.DataCache) -> None:
+    """The mask structure against each model's weights, before anything is trained."""
+    for spec in {spec.model: spec for spec in specs if spec.method != "dense"}.values():
+        splits = cache.get(spec.dataset, spec.train_subset, spec.test_subset)
+        try:
+            experiment.check_structure(spec, splits)
+        except ValueError as exc:
+            raise CLIError(f"{spec.model}: {exc}") from None
+
+
+def _structure(args) -> str:
+    """The mask structure of the command, for titles: ``""`` or ``", masks block 2"``."""
+    label = report.structure_label(args.granularity or "element", args.block_size)
+    return f", masks {label}" if label else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,11 +469,12 @@ def _cmd_run(args) -> int:
             ),
         ]
     )
+    _check_structure(specs, cache)
     out = _out_dir(args, dataset, args.method)
     splits = cache.get(dataset, specs[0].train_subset, specs[0].test_subset)
     print(
         f"dataset   {dataset}: {len(splits.train):,} train / {len(splits.test):,} test samples; "
-        f"model {args.model}; seed {args.seed}"
+        f"model {args.model}; seed {args.seed}{_structure(args)}"
     )
     started = time.perf_counter()
     result = experiment.compare(
@@ -447,7 +484,7 @@ def _cmd_run(args) -> int:
         resume=not args.fresh,
         device=args.device,
         data_cache=cache,
-        title=f"imc-prune run: {specs[-1].label} on {dataset}, {args.model}",
+        title=f"imc-prune run: {specs[-1].label} on {dataset}, {args.model}{_structure(args)}",
     )
     dense = result.records[0]
     epochs = len(dense.history)
@@ -463,8 +500,15 @@ def _cmd_run(args) -> int:
             for line in _describe_imc(pruned.imc):
                 print(line)
             described = True
+        name = report.method_name(
+            {
+                "label": pruned.label,
+                "granularity": pruned.granularity,
+                "block_size": pruned.block_size,
+            }
+        )
         print(
-            f"{pruned.label:<9} weights remaining {_pct(pruned.weights_remaining)} "
+            f"{name:<9} weights remaining {_pct(pruned.weights_remaining)} "
             f"(target {report.target_label(pruned.target)}): final test accuracy "
             f"{_pct(pruned.final_acc)} (mean of the last 3 epochs {_pct(pruned.mean_last3_acc)})"
         )
@@ -493,12 +537,13 @@ def _cmd_compare(args) -> int:
             dataset, args.model, args.methods, args.remaining, args.seeds, **settings
         )
     )
+    _check_structure(specs, cache)
     out = _out_dir(args, dataset, "compare")
     done = set(experiment.read_runs(out / "runs.jsonl")) if not args.fresh else set()
     todo = sum(spec.key not in done for spec in {s.key: s for s in specs}.values())
     print(
         f"compare   {dataset}, {', '.join(args.model)}: {len(specs)} runs "
-        f"({len(specs) - todo} done already in {out}), seeds {args.seeds}"
+        f"({len(specs) - todo} done already in {out}), seeds {args.seeds}{_structure(args)}"
     )
     started = time.perf_counter()
     result = experiment.compare(
@@ -508,7 +553,7 @@ def _cmd_compare(args) -> int:
         resume=not args.fresh,
         device=args.device,
         data_cache=cache,
-        title=f"imc-prune compare: {dataset}, {', '.join(args.model)}",
+        title=f"imc-prune compare: {dataset}, {', '.join(args.model)}{_structure(args)}",
     )
     print(report.results_markdown(result.rows))
     print(f"time      {time.perf_counter() - started:.1f} s")

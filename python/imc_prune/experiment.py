@@ -22,6 +22,12 @@ Conventions:
   of optimizer steps over all phases.
 * **Determinism**: the model's initialisation, the batch order and every random choice of a
   method derive from ``seed``.
+* **Mask structure**: ``granularity`` and ``block_size`` (:func:`imc_prune.masks.
+  masks_from_scores`) are settings of IMC (``imc=``) and of the other methods
+  (``baseline=``), ``"element"`` by default; they are part of a run's key, so runs with
+  different structures never stand in for each other, and records report them. ``"2:4"``
+  needs ``remaining=0.5`` and is refused for IMP. Training stays on the masked-dense path:
+  the structured layers of :mod:`imc_kernels.sparse` are not swapped in.
 
 Methods (:data:`METHODS`):
 
@@ -82,9 +88,12 @@ from imc_prune import baselines, report
 from imc_prune.data import DATASET_NAMES, DatasetSplits, iterate_batches, load_dataset
 from imc_prune.masks import (
     SCOPES,
+    check_granularity,
     dense_masks,
     masks_from_scores,
+    prunable_parameters,
     sparsity_report,
+    weights_per_unit,
 )
 from imc_prune.models import MODEL_NAMES, build_model
 from imc_prune.train import resolve_config, train
@@ -135,7 +144,12 @@ BASELINE_DEFAULTS = {
     "rewind_step": 0,  # IMP and one-shot: rewind to W0 (0) or to this training step
     "score_batch_size": 256,  # SNIP and GraSP: samples of their gradient batch
     "synflow_iterations": 100,  # SynFlow: rounds of its iterative pruning
+    "granularity": "element",  # mask structure: "element", "block" or "2:4"
+    "block_size": None,  # the tile edge of granularity="block"
 }
+# Structure settings at their defaults are dropped from a spec, so that spelling them out or
+# not gives the same run (and the keys of runs from before these settings existed).
+_STRUCTURE_DEFAULTS = {"granularity": "element", "block_size": None}
 # IMC's warm-up settings that magnitude-warmup shares, so both see the same W*.
 _WARMUP_KEYS = {"warmup_steps": "steps", "warmup_lr": "lr", "warmup_batch_size": "batch_size"}
 _IMC_WARMUP_DEFAULTS = {"warmup_steps": 10, "warmup_lr": 0.1, "warmup_batch_size": 128}
@@ -216,16 +230,19 @@ class RunSpec:
         train: keyword arguments of :func:`imc_prune.train.train` (``preset``, ``epochs``,
             ``lr``, ...); without ``preset``, ``epochs`` or ``steps`` the model's
             :data:`DEFAULT_PRESETS` entry is used.
-        imc: keyword arguments of :func:`imc_prune.imc.imc` (``score``, ``c``, ``k``, ...);
-            ``magnitude-warmup`` reads its warm-up settings from here too.
-        baseline: settings of the baselines, see :data:`BASELINE_DEFAULTS`.
+        imc: keyword arguments of :func:`imc_prune.imc.imc` (``score``, ``c``, ``k``,
+            ``granularity``, ``block_size``, ...); ``magnitude-warmup`` reads its warm-up
+            settings from here too.
+        baseline: settings of the baselines, see :data:`BASELINE_DEFAULTS`; their
+            ``granularity`` and ``block_size`` are those of every method but IMC.
         train_subset: train on the first ``n`` of a seeded permutation of the training set
             (None: all of it); for quick runs.
         test_subset: evaluate on the first ``n`` test samples (None: all).
 
     Raises:
         ValueError, TypeError: an unknown dataset, model or method, a bad ``remaining``,
-            ``seed`` or subset, a score that contradicts the method name.
+            ``seed`` or subset, a score that contradicts the method name, a bad granularity
+            or block size, ``"2:4"`` with ``remaining`` other than 0.5 or with IMP.
 
     Example:
         >>> RunSpec("fashion-mnist", "lenet300100", "imc-leverage", remaining=0.05).label
@@ -287,6 +304,31 @@ class RunSpec:
                 isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1
             ):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        for settings in (self.imc, self.baseline):
+            check_granularity(settings.get("granularity", "element"), settings.get("block_size"))
+            for key, default in _STRUCTURE_DEFAULTS.items():
+                if key in settings and settings[key] == default:
+                    del settings[key]
+        self._check_structure()
+
+    def _check_structure(self) -> None:
+        if self.method == "dense" or self.granularity != "2:4":
+            return
+        if self.remaining == "auto":
+            raise ValueError(
+                "granularity '2:4' keeps exactly 2 of every 4 weights: remaining must be 0.5, "
+                "not 'auto' (the spectral gap's rate)"
+            )
+        if self.remaining != 0.5:
+            raise ValueError(
+                f"granularity '2:4' keeps exactly 2 of every 4 weights: remaining must be 0.5, "
+                f"got {self.remaining}"
+            )
+        if self.method == "imp":
+            raise ValueError(
+                "method 'imp' cannot prune to granularity '2:4' (2:4 masks exist at 50 % only, "
+                "there are no rounds of 20 % to take); use 'oneshot'"
+            )
 
     @property
     def label(self) -> str:
@@ -297,6 +339,19 @@ class RunSpec:
     def target(self) -> float | str:
         """``remaining`` (a float) or ``"auto"``."""
         return self.remaining
+
+    @property
+    def granularity(self) -> str:
+        """The mask structure of the method: IMC's ``imc["granularity"]``, the baselines'
+        ``baseline["granularity"]``; ``"element"`` unless set."""
+        settings = self.imc if self.method == "imc" else self.baseline
+        return settings.get("granularity", "element")
+
+    @property
+    def block_size(self) -> int | None:
+        """The tile edge of ``granularity="block"``, else None."""
+        settings = self.imc if self.method == "imc" else self.baseline
+        return settings.get("block_size")
 
     def baseline_setting(self, name: str):
         """A baseline setting, the spec's or :data:`BASELINE_DEFAULTS`'."""
@@ -353,6 +408,8 @@ class RunRecord:
             :func:`imc_prune.report.spectrum_data`; else None.
         imp: for IMP: every round used, ``{"round", "weights_remaining", "final_acc",
             "mean_last3_acc", "sgd_steps"}``; else None.
+        granularity, block_size: the spec's mask structure (:attr:`RunSpec.granularity`);
+            records written before they existed read as ``"element"``.
         train_config: the resolved training settings.
         environment: device, torch and Python versions, date.
         masks: the masks (CPU bool tensors); only on a record :func:`run_one` returned, not
@@ -380,6 +437,8 @@ class RunRecord:
     elapsed_s: float
     imc: dict | None = None
     imp: list | None = None
+    granularity: str = "element"
+    block_size: int | None = None
     train_config: dict = dataclasses.field(default_factory=dict)
     environment: dict = dataclasses.field(default_factory=dict)
     masks: dict | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -564,8 +623,9 @@ class ImpTrajectory:
 
     Args:
         spec: any spec of the trajectory: its dataset, model, seed, training settings,
-            subsets and the baseline settings ``scope``, ``imp_rate`` and ``rewind_step``
-            define it (:meth:`key_of`).
+            subsets and the baseline settings ``scope``, ``imp_rate``, ``rewind_step``,
+            ``granularity`` and ``block_size`` define it (:meth:`key_of`). With
+            ``granularity="block"`` the rounds count tiles, so each removes whole tiles.
         splits: the data.
         device: where to train.
         directory: where rounds are saved (``<parent>-<kept>.pt``, written atomically) and
@@ -573,7 +633,8 @@ class ImpTrajectory:
         progress: tqdm bars for the training runs.
 
     Raises:
-        ValueError: a bad ``scope``, ``imp_rate`` or ``rewind_step``.
+        ValueError: a bad ``scope``, ``imp_rate``, ``rewind_step``, ``granularity`` or
+            ``block_size``.
     """
 
     def __init__(
@@ -599,6 +660,10 @@ class ImpTrajectory:
             raise ValueError(f"imp_rate must lie in (0, 1), got {self.rate!r}")
         if not isinstance(self.rewind_step, int) or self.rewind_step < 0:
             raise ValueError(f"rewind_step must be an int >= 0, got {self.rewind_step!r}")
+        self.granularity = spec.baseline_setting("granularity")
+        self.block_size = spec.baseline_setting("block_size")
+        # Weights kept or pruned together: counts of the rounds are multiples of it.
+        self.unit = weights_per_unit(self.granularity, self.block_size)
         self._rounds: dict[tuple[int | None, int], ImpRound] = {}
         self._chain: list[ImpRound] = []
         self._rewind_state: dict[str, torch.Tensor] | None = None
@@ -620,6 +685,11 @@ class ImpTrajectory:
             "imp_rate": spec.baseline_setting("imp_rate"),
             "rewind_step": spec.baseline_setting("rewind_step"),
         }
+        # Only when set: trajectories of element masks keep the keys (and the saved rounds)
+        # they had before the structure settings existed.
+        for key in _STRUCTURE_DEFAULTS:
+            if key in spec.baseline:
+                payload[key] = spec.baseline[key]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     # Storage ----------------------------------------------------------------------------
@@ -731,7 +801,17 @@ class ImpTrajectory:
             name: parent.trained[name].abs().masked_fill(~mask, -1.0)
             for name, mask in parent.masks.items()
         }
-        return masks_from_scores(scores, 1.0 - kept / parent.total, scope=self.scope)
+        return masks_from_scores(
+            scores,
+            1.0 - kept / parent.total,
+            scope=self.scope,
+            granularity=self.granularity,
+            block_size=self.block_size,
+        )
+
+    def _next(self, kept: int) -> int:
+        """Survivors after one round from ``kept``, in whole units."""
+        return _next_kept(kept // self.unit, self.rate) * self.unit
 
     def dense(self) -> ImpRound:
         """Round 0: the dense network trained from ``W0``."""
@@ -744,7 +824,7 @@ class ImpTrajectory:
         self.dense()
         while len(self._chain) <= index:
             parent = self._chain[-1]
-            kept = _next_kept(parent.kept, self.rate)
+            kept = self._next(parent.kept)
             if kept < 1:
                 raise ValueError(f"IMP cannot prune below one weight (round {len(self._chain)})")
             self._chain.append(self._make_round(len(self._chain), parent, kept))
@@ -752,7 +832,7 @@ class ImpTrajectory:
 
     def _kept_for(self, remaining: float) -> int:
         dense = self.dense()
-        kept = int(round(remaining * dense.total))
+        kept = int(round(remaining * dense.total / self.unit)) * self.unit
         if kept < 1:
             raise ValueError(f"remaining={remaining} keeps no weight of {dense.total}")
         return kept
@@ -770,7 +850,7 @@ class ImpTrajectory:
         chain = [self.dense()]
         while chain[-1].kept > kept:
             last = chain[-1]
-            if _next_kept(last.kept, self.rate) <= kept:
+            if self._next(last.kept) <= kept:
                 chain.append(self._make_round(last.index + 1, last, kept))
             else:
                 chain.append(self.round(last.index + 1))
@@ -794,6 +874,8 @@ class ImpTrajectory:
         if method == "oneshot":
             return self.oneshot(remaining)
         if method == "imp":
+            if self.granularity == "2:4":
+                raise ValueError("IMP cannot prune to granularity '2:4'; use 'oneshot'")
             return self.target(remaining)
         raise ValueError(f"an IMP trajectory serves dense, oneshot and imp, not {method!r}")
 
@@ -894,6 +976,36 @@ def _build(spec: RunSpec, splits: DatasetSplits) -> nn.Module:
     )
 
 
+def check_structure(spec: RunSpec, splits: DatasetSplits) -> None:
+    """Check that the spec's mask structure fits its model's weights, before any training.
+
+    Args:
+        spec: the run.
+        splits: its data (the model's input shape and classes depend on it).
+
+    Raises:
+        ValueError: a block size that does not divide a weight matrix, or rows that groups of
+            4 do not divide (``"2:4"``); the message names the weight and its shape.
+
+    Example:
+        >>> splits = DataCache().get("digits")
+        >>> check_structure(RunSpec("digits", "lenet300100", "random", 0.5,
+        ...                         baseline={"granularity": "block", "block_size": 4}), splits)
+        Traceback (most recent call last):
+        ValueError: granularity='block': weight '5.weight' has shape (10, 100), a (10, 100) matrix
+        that block_size 4 does not divide (remainders 2 and 0); choose a block size that divides
+        both
+    """
+    if spec.method == "dense" or spec.granularity == "element":
+        return
+    model = _build(spec, splits)
+    check_granularity(
+        spec.granularity,
+        spec.block_size,
+        shapes={name: param.shape for name, param in prunable_parameters(model).items()},
+    )
+
+
 def _environment(device) -> dict[str, Any]:
     return {
         "device": str(device),
@@ -952,6 +1064,7 @@ def run_one(
     data_cache = data_cache if data_cache is not None else DataCache()
     imp_cache = imp_cache if imp_cache is not None else ImpCache()
     splits = data_cache.get(spec.dataset, spec.train_subset, spec.test_subset)
+    check_structure(spec, splits)
     train_kwargs = spec.train_kwargs()
     config = resolve_config(**{k: v for k, v in train_kwargs.items() if k != "eval_batch_size"})
     train_batch = int(config["batch_size"])
@@ -1012,7 +1125,11 @@ def run_one(
         )
         scores = imc_module.scores(model, None, method="magnitude")
         masks = masks_from_scores(
-            scores, 1.0 - spec.remaining, scope=spec.baseline_setting("scope")
+            scores,
+            1.0 - spec.remaining,
+            scope=spec.baseline_setting("scope"),
+            granularity=spec.granularity,
+            block_size=spec.block_size,
         )
         imc_module.rewind(model, masks, warm, to="init")
     else:
@@ -1078,6 +1195,8 @@ def _record(
         elapsed_s=time.perf_counter() - started,
         imc=extra.get("imc"),
         imp=extra.get("imp"),
+        granularity=spec.granularity,
+        block_size=spec.block_size,
         train_config=_json_safe(outcome.config),
         environment=_environment(device),
         masks={name: mask.detach().cpu() for name, mask in masks.items()},
@@ -1150,21 +1269,28 @@ def _baseline_masks(spec: RunSpec, model, splits, device, train_batch) -> tuple[
     (two gradients); SynFlow one forward and backward pass of a single input per iteration.
     """
     sparsity = 1.0 - spec.remaining
-    scope = spec.baseline_setting("scope")
+    structure = {
+        "scope": spec.baseline_setting("scope"),
+        "granularity": spec.granularity,
+        "block_size": spec.block_size,
+    }
     if spec.method == "random":
-        return baselines.random(model, sparsity, scope=scope, seed=spec.seed), 0.0
+        return baselines.random(model, sparsity, seed=spec.seed, **structure), 0.0
     if spec.method == "synflow":
         iterations = int(spec.baseline_setting("synflow_iterations"))
         masks = baselines.synflow(
-            model, sparsity, input_shape=splits.input_shape, iterations=iterations, scope=scope
+            model, sparsity, input_shape=splits.input_shape, iterations=iterations, **structure
         )
-        return masks, iterations / train_batch
+        # 2:4 scores the dense network once (baselines.synflow).
+        passes = 1 if spec.granularity == "2:4" else iterations
+        return masks, passes / train_batch
     batch = _score_batch(spec, splits, device)
     samples = batch[1].shape[0]
     if spec.method == "snip":
-        return baselines.snip(model, batch, sparsity, scope=scope), samples / train_batch
+        return baselines.snip(model, batch, sparsity, **structure), samples / train_batch
     if spec.method == "grasp":
-        return baselines.grasp(model, batch, sparsity, scope=scope), 3.0 * samples / train_batch
+        masks = baselines.grasp(model, batch, sparsity, **structure)
+        return masks, 3.0 * samples / train_batch
     raise ValueError(f"no baseline named {spec.method!r}")  # RunSpec checked the name
 
 

@@ -18,7 +18,8 @@ Each step is a function that can be called and tested alone:
 4. :func:`spectral_gap`: the smallest ``n >= #{lambda <= 0}`` with
    ``lambda_{n+1} - lambda_n > c L``, and the prune rate.
 5. :func:`scores`: ``magnitude``, ``leverage`` or ``curvature``.
-6. :func:`imc_prune.masks.masks_from_scores`: global or layer-wise masks.
+6. :func:`imc_prune.masks.masks_from_scores`: global or layer-wise masks, of single weights,
+   ``block_size`` tiles or 2:4 groups (``granularity``).
 7. :func:`rewind`: survivors back to ``W0`` (default) or kept at ``W*``.
 
 :func:`imc` runs them in order and returns an :class:`IMCResult` that carries everything that
@@ -41,7 +42,13 @@ from torch import nn
 import imc_kernels
 from imc_kernels.linalg import block_lanczos
 from imc_prune.data import DatasetSplits, first_batch, iterate_batches
-from imc_prune.masks import apply_masks, masks_from_scores, prunable_parameters, sparsity_report
+from imc_prune.masks import (
+    apply_masks,
+    check_granularity,
+    masks_from_scores,
+    prunable_parameters,
+    sparsity_report,
+)
 
 SCORES = ("magnitude", "leverage", "curvature")
 REWINDS = ("init", "warmup")
@@ -657,7 +664,7 @@ class IMCResult:
         layers: per-layer sparsity from :func:`imc_prune.masks.sparsity_report`.
         timings: seconds per step.
         n_hvps: Hessian-vector products spent (spectrum and Lipschitz).
-        settings: the choices used.
+        settings: the choices used (``granularity`` and ``block_size`` among them).
     """
 
     masks: dict[str, torch.Tensor]
@@ -677,6 +684,16 @@ class IMCResult:
     def weights_remaining(self) -> float:
         """Fraction of the prunable weights kept."""
         return 1.0 - self.sparsity
+
+    @property
+    def granularity(self) -> str:
+        """The masks' structure, one of :data:`imc_prune.masks.GRANULARITIES`."""
+        return self.settings.get("granularity", "element")
+
+    @property
+    def block_size(self) -> int | None:
+        """The tile edge of ``granularity="block"`` masks, else None."""
+        return self.settings.get("block_size")
 
     def gradient_equivalents(self, hvp_cost: float = 2.0) -> float:
         """IMC's spectral work in gradient evaluations over the Hessian batch: ``n_hvps``
@@ -729,6 +746,8 @@ def imc(
     c: float = 4.0,
     score: str = "magnitude",
     scope: str = "global",
+    granularity: str = "element",
+    block_size: int | None = None,
     rewind_to: str = "init",
     curvature: str = "hessian",
     engine: str = "auto",
@@ -756,6 +775,14 @@ def imc(
         c: step 4's constant.
         score: step 5, one of :data:`SCORES`.
         scope: ``"global"`` or ``"layerwise"`` masks.
+        granularity: the masks' structure (:data:`imc_prune.masks.GRANULARITIES`):
+            ``"element"`` (single weights), ``"block"`` (``block_size`` tiles of each weight
+            matrix ranked by their summed scores; the kept fraction is the closest whole tiles
+            allow) or ``"2:4"`` (2 kept in every 4 along the input dimension; ``sparsity`` must
+            then be 0.5, the gap's rate cannot be honoured). See
+            :func:`imc_prune.masks.masks_from_scores`.
+        block_size: the tile edge, for ``granularity="block"`` only; it must divide both
+            dimensions of every prunable weight matrix.
         rewind_to: ``"init"`` (``W0``) or ``"warmup"`` (keep ``W*``).
         curvature: ``"hessian"`` or ``"ggn"``.
         engine: HVP engine.
@@ -776,8 +803,10 @@ def imc(
         An :class:`IMCResult`.
 
     Raises:
-        ValueError: a bad ``sparsity``, score, scope or rewind choice (and the errors of each
-            step); a ``reuse`` result whose settings or ``W0`` differ.
+        ValueError: a bad ``sparsity``, score, scope or rewind choice; a granularity or block
+            size the model's weights do not fit, or ``"2:4"`` at a sparsity other than 0.5
+            (all checked before the warm-up); the errors of each step; a ``reuse`` result
+            whose settings or ``W0`` differ.
 
     Example:
         >>> splits = imc_prune.data.load_dataset("digits", flatten=True)
@@ -796,6 +825,18 @@ def imc(
         raise ValueError(f"rewind_to must be one of {', '.join(REWINDS)}, got {rewind_to!r}")
     if scope not in ("global", "layerwise"):
         raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
+    if granularity == "2:4" and sparsity == "auto":
+        raise ValueError(
+            "granularity='2:4' keeps exactly 2 of every 4 weights, a sparsity of 0.5; "
+            "sparsity='auto' (the spectral gap's rate) cannot be honoured: pass sparsity=0.5"
+        )
+    # Before the warm-up and the spectrum: a structure the weights cannot take fails at once.
+    check_granularity(
+        granularity,
+        block_size,
+        sparsity=None if sparsity == "auto" else float(sparsity),
+        shapes={name: param.shape for name, param in prunable_parameters(model).items()},
+    )
     train_set = data.train if isinstance(data, DatasetSplits) else data
     settings = {
         "sparsity": sparsity,
@@ -812,6 +853,8 @@ def imc(
         "c": c,
         "score": score,
         "scope": scope,
+        "granularity": granularity,
+        "block_size": block_size,
         "rewind_to": rewind_to,
         "curvature": curvature,
         "engine": engine,
@@ -951,7 +994,13 @@ def _finish(
     sparsity = settings["sparsity"]
     chosen = auto_sparsity if sparsity == "auto" else float(sparsity)
     weight_scores = scores(work, spec, method=settings["score"])
-    masks = masks_from_scores(weight_scores, chosen, scope=settings["scope"])
+    masks = masks_from_scores(
+        weight_scores,
+        chosen,
+        scope=settings["scope"],
+        granularity=settings.get("granularity", "element"),
+        block_size=settings.get("block_size"),
+    )
     timings["masks"] = time.perf_counter() - started
 
     rewind(work, masks, warm, to=settings["rewind_to"])

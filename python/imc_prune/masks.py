@@ -173,7 +173,7 @@ def masks_from_scores(
     """
     sparsity = check_sparsity(sparsity)
     _check_scope(scope)
-    _check_granularity(granularity, block_size, sparsity)
+    check_granularity(granularity, block_size, sparsity=sparsity)
     if not isinstance(scores, Mapping):
         raise TypeError(f"scores must be a dict name -> tensor, got {type(scores).__name__}")
     if not scores:
@@ -208,7 +208,37 @@ def masks_from_scores(
     return masks
 
 
-def _check_granularity(granularity: str, block_size, sparsity: float) -> None:
+def check_granularity(
+    granularity: str,
+    block_size: int | None = None,
+    *,
+    sparsity: float | None = None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> None:
+    """Check a mask structure before any score is computed.
+
+    :func:`masks_from_scores` runs the same checks; the pruning methods call this first, so
+    that a structure the model cannot take fails before a warm-up, a spectrum or a training
+    run rather than after it.
+
+    Args:
+        granularity: one of :data:`GRANULARITIES`.
+        block_size: the tile edge; required for ``"block"`` and only then.
+        sparsity: the fraction to prune, when known (``"2:4"`` needs exactly 0.5); None skips
+            this check.
+        shapes: ``{parameter name: shape}`` of the weights to be masked (e.g. of
+            :func:`prunable_parameters`); for ``"block"`` and ``"2:4"`` each must read as a
+            matrix ``(shape[0], -1)`` that the tiles or groups of 4 divide. None skips it.
+
+    Raises:
+        ValueError: an unknown granularity; a missing or stray ``block_size``, or one below
+            1; ``"2:4"`` with a sparsity other than 0.5; a shape the structure does not fit.
+        TypeError: a ``block_size`` that is not an int.
+
+    Example:
+        >>> check_granularity("block", 2, shapes={"0.weight": (300, 64), "4.weight": (10, 100)})
+        >>> check_granularity("2:4", sparsity=0.5, shapes={"0.weight": (300, 64)})
+    """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if granularity == "block":
@@ -222,20 +252,58 @@ def _check_granularity(granularity: str, block_size, sparsity: float) -> None:
         raise ValueError(
             f"block_size is only used with granularity='block' (got granularity={granularity!r})"
         )
-    if granularity == "2:4" and sparsity != 0.5:
+    if granularity == "2:4" and sparsity is not None and sparsity != 0.5:
         raise ValueError(
             "granularity='2:4' keeps exactly 2 of every 4 weights: sparsity must be 0.5, got "
             f"{sparsity}"
         )
+    if granularity != "element" and shapes is not None:
+        for name, shape in shapes.items():
+            _check_matrix_shape(tuple(shape), name, granularity, block_size)
 
 
-def _score_matrix(score: torch.Tensor, name: str, granularity: str) -> torch.Tensor:
-    if score.dim() < 2:
+def weights_per_unit(granularity: str, block_size: int | None = None) -> int:
+    """How many weights a mask of ``granularity`` keeps or prunes together: ``block_size**2``
+    for ``"block"`` (a tile), else 1.
+
+    Iterative methods count their schedules in these units, so that every round removes whole
+    tiles.
+
+    Example:
+        >>> weights_per_unit("block", 4), weights_per_unit("element")
+        (16, 1)
+    """
+    check_granularity(granularity, block_size)
+    return block_size**2 if granularity == "block" else 1
+
+
+def _check_matrix_shape(
+    shape: tuple[int, ...], name: str, granularity: str, block_size: int | None
+) -> tuple[int, int]:
+    """The ``(rows, cols)`` matrix a weight of ``shape`` reads as, if the structure fits it."""
+    if len(shape) < 2:
         raise ValueError(
-            f"granularity={granularity!r} needs weight matrices (2 or more dimensions); score "
-            f"{name!r} has shape {tuple(score.shape)}"
+            f"granularity={granularity!r} needs weight matrices (2 or more dimensions); weight "
+            f"{name!r} has shape {shape}"
         )
-    return score.detach().reshape(score.shape[0], -1)
+    rows, cols = shape[0], math.prod(shape[1:])
+    if granularity == "block" and (rows % block_size or cols % block_size):
+        raise ValueError(
+            f"granularity='block': weight {name!r} has shape {shape}, a "
+            f"({rows}, {cols}) matrix that block_size {block_size} does not divide (remainders "
+            f"{rows % block_size} and {cols % block_size}); choose a block size that divides both"
+        )
+    if granularity == "2:4" and cols % 4:
+        raise ValueError(
+            f"granularity='2:4': weight {name!r} has shape {shape}, rows of {cols} "
+            "weights, not a multiple of 4"
+        )
+    return rows, cols
+
+
+def _score_matrix(score: torch.Tensor, name: str, granularity: str, block_size=None):
+    rows, cols = _check_matrix_shape(tuple(score.shape), name, granularity, block_size)
+    return score.detach().reshape(rows, cols)
 
 
 def block_scores(score: torch.Tensor, block_size: int, *, name: str = "score") -> torch.Tensor:
@@ -260,15 +328,8 @@ def block_scores(score: torch.Tensor, block_size: int, *, name: str = "score") -
         >>> block_scores(torch.arange(8.0).reshape(2, 4), 2)
         tensor([[10., 18.]], dtype=torch.float64)
     """
-    matrix = _score_matrix(score, name, "block")
+    matrix = _score_matrix(score, name, "block", block_size)
     rows, cols = matrix.shape
-    if rows % block_size or cols % block_size:
-        raise ValueError(
-            f"granularity='block': score {name!r} has shape {tuple(score.shape)}, a "
-            f"({rows}, {cols}) matrix that block_size {block_size} does not divide (remainders "
-            f"{rows % block_size} and {cols % block_size}); choose a block size dividing both, "
-            "or leave this parameter out of the scores"
-        )
     tiles = matrix.to(torch.float64).reshape(
         rows // block_size, block_size, cols // block_size, block_size
     )
@@ -310,11 +371,6 @@ def _block_masks(
 def _two_four_mask(score: torch.Tensor, name: str) -> torch.Tensor:
     matrix = _score_matrix(score, name, "2:4")
     rows, cols = matrix.shape
-    if cols % 4:
-        raise ValueError(
-            f"granularity='2:4': score {name!r} has shape {tuple(score.shape)}, rows of {cols} "
-            "weights, not a multiple of 4"
-        )
     groups = matrix.reshape(rows, cols // 4, 4)
     # Stable descending sort: of equal scores the lower column is kept.
     top = torch.sort(groups, dim=2, descending=True, stable=True).indices[..., :2]

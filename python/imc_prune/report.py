@@ -250,8 +250,36 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def method_rank(method: str) -> tuple[int, str]:
-    """Sort key of a method label: :data:`METHOD_ORDER`, then alphabetical."""
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+    """Sort key of a method label: :data:`METHOD_ORDER` (of the label without its structure,
+    see :func:`method_name`), then alphabetical."""
+    base = method.split(" (", 1)[0]
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def structure_label(granularity: str = "element", block_size: int | None = None) -> str:
+    """A mask structure as tables show it: ``""`` for single weights, ``"block 16"``,
+    ``"2:4"``.
+
+    Example:
+        >>> structure_label("block", 16), structure_label("element")
+        ('block 16', '')
+    """
+    if granularity == "block":
+        return f"block {block_size}"
+    return "" if granularity == "element" else str(granularity)
+
+
+def method_name(record: Mapping[str, Any]) -> str:
+    """The method of a record as tables show it: its label, followed by its mask structure
+    when that is not single weights (``"snip (block 16)"``); dense has no structure.
+
+    Example:
+        >>> method_name({"label": "snip", "granularity": "2:4"})
+        'snip (2:4)'
+    """
+    label = record["label"]
+    structure = structure_label(record.get("granularity", "element"), record.get("block_size"))
+    return f"{label} ({structure})" if structure and label != "dense" else label
 
 
 def _target_rank(target) -> float:
@@ -262,11 +290,15 @@ def _target_rank(target) -> float:
 def aggregate(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Mean and spread over seeds of each (dataset, model, method, target) group.
 
+    The method is :func:`method_name`: runs of one method with different mask structures are
+    different groups.
+
     Args:
         records: run records as dicts (:meth:`imc_prune.experiment.RunRecord.to_dict`): each
             has ``dataset``, ``model``, ``label``, ``target``, ``seed``,
             ``weights_remaining``, ``final_acc``, ``mean_last3_acc``, ``compute`` (with
-            ``total``, ``sgd_steps``) and ``wall_s``.
+            ``total``, ``sgd_steps``) and ``wall_s``; optionally ``granularity`` and
+            ``block_size``.
 
     Returns:
         One dict per group, sorted by dataset, model, method, target: ``dataset``, ``model``,
@@ -279,7 +311,7 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for record in records:
-        key = (record["dataset"], record["model"], record["label"], record["target"])
+        key = (record["dataset"], record["model"], method_name(record), record["target"])
         groups.setdefault(key, []).append(record)
     rows = []
     for (dataset, model, method, target), members in groups.items():

@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 from imc_prune import baselines
 from imc_prune.data import DatasetSplits
-from imc_prune.masks import masks_from_scores, prunable_parameters, sparsity_report
+from imc_prune.masks import is_two_four, masks_from_scores, prunable_parameters, sparsity_report
 from imc_prune.train import train
 
 # (input, hidden, classes): aligned and awkward.
@@ -435,3 +435,171 @@ def test_all_baselines_share_the_mask_type():
         assert list(masks) == list(prunable_parameters(model))
         assert all(m.dtype == torch.bool for m in masks.values())
         np.testing.assert_equal(_total_kept(masks), round((1 - 0.5) * (35 + 21)))
+
+
+# --------------------------------------------------------------------------------------------
+# Mask structure: block tiles and 2:4 groups
+
+# Layer sizes whose weight matrices tiles of 3 divide ((9, 6) and (3, 9)), and whose rows
+# groups of 4 divide ((16, 8) and (4, 16)).
+BLOCK_SIZES = (6, 9, 3)
+TWO_FOUR_SIZES = (8, 16, 4)
+
+
+def _whole_tiles(mask: torch.Tensor, block: int) -> torch.Tensor:
+    """The tile mask of ``mask``, after checking that every tile is kept or pruned whole."""
+    rows, cols = mask.shape
+    tiles = mask.reshape(rows // block, block, cols // block, block)
+    kept = tiles.all(dim=(1, 3))
+    assert torch.equal(kept, tiles.any(dim=(1, 3))), "a tile is partly kept"
+    return kept
+
+
+def _kept_tiles(masks, block: int) -> int:
+    return sum(int(_whole_tiles(mask, block).sum()) for mask in masks.values())
+
+
+def _assert_two_four(masks) -> None:
+    for name, mask in masks.items():
+        groups = mask.reshape(mask.shape[0], -1, 4)  # along in_features
+        assert (groups.sum(dim=2) == 2).all(), name
+
+
+@pytest.mark.parametrize("block", [1, 3])
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_magnitude_block_keeps_the_tiles_of_largest_summed_magnitude(block, scope):
+    model = _mlp(BLOCK_SIZES)
+    masks = baselines.magnitude(model, 0.6, scope=scope, granularity="block", block_size=block)
+    params = prunable_parameters(model)
+    sums = {}
+    for name, param in params.items():
+        matrix = param.detach().abs().double().numpy()
+        rows, cols = matrix.shape
+        sums[name] = matrix.reshape(rows // block, block, cols // block, block).sum(axis=(1, 3))
+    tiles = {name: _whole_tiles(mask, block).numpy() for name, mask in masks.items()}
+    groups = [list(params)] if scope == "global" else [[name] for name in params]
+    for names in groups:
+        kept = np.concatenate([sums[n][tiles[n]] for n in names])
+        dropped = np.concatenate([sums[n][~tiles[n]] for n in names])
+        assert kept.min() >= dropped.max()
+        n_tiles = sum(sums[n].size for n in names)
+        assert kept.size == round((1 - 0.6) * n_tiles)
+
+
+def test_magnitude_two_four_keeps_the_two_largest_of_every_four_inputs():
+    model = _mlp(TWO_FOUR_SIZES)
+    masks = baselines.magnitude(model, 0.5, granularity="2:4")
+    _assert_two_four(masks)
+    for name, param in prunable_parameters(model).items():
+        magnitude = param.detach().abs().reshape(param.shape[0], -1, 4)
+        groups = masks[name].reshape(magnitude.shape)
+        kept = magnitude.masked_fill(~groups, float("inf")).amin(dim=2)
+        dropped = magnitude.masked_fill(groups, -float("inf")).amax(dim=2)
+        assert (kept >= dropped).all(), name
+
+
+def test_every_score_baseline_takes_the_structure():
+    block = {"granularity": "block", "block_size": 3}
+    model = _mlp(BLOCK_SIZES)
+    batch = _batch(BLOCK_SIZES)
+    n_tiles = (9 * 6 + 3 * 9) // 9
+    structured = {
+        "random": baselines.random(model, 0.5, seed=1, **block),
+        "snip": baselines.snip(model, batch, 0.5, **block),
+        "grasp": baselines.grasp(model, batch, 0.5, **block),
+        "synflow": baselines.synflow(model, 0.5, input_shape=(6,), iterations=3, **block),
+    }
+    for method, masks in structured.items():
+        assert _kept_tiles(masks, 3) == round(0.5 * n_tiles), method
+    # The structure is applied to the method's own scores.
+    snip_scores = baselines.snip_scores(model, batch)
+    expected = masks_from_scores(snip_scores, 0.5, **block)
+    assert all(torch.equal(structured["snip"][k], expected[k]) for k in expected)
+
+    model = _mlp(TWO_FOUR_SIZES)
+    batch = _batch(TWO_FOUR_SIZES)
+    for masks in (
+        baselines.random(model, 0.5, granularity="2:4"),
+        baselines.snip(model, batch, 0.5, granularity="2:4"),
+        baselines.grasp(model, batch, 0.5, granularity="2:4"),
+        baselines.synflow(model, 0.5, input_shape=(8,), granularity="2:4"),
+    ):
+        _assert_two_four(masks)
+        assert all(is_two_four(mask) for mask in masks.values())
+
+
+def test_imp_block_counts_its_rounds_in_tiles():
+    data = _toy_data()
+    model = _mlp(BLOCK_SIZES)
+    round_masks = []
+    masks, info = baselines.imp(
+        model,
+        data,
+        0.8,
+        granularity="block",
+        block_size=3,
+        train_kwargs={"steps": 2, "batch_size": 16, "lr": 1e-2},
+        callback=lambda r, m, result: round_masks.append(m),
+    )
+    # 6 + 3 tiles of 9 weights, at least one tile per round (counted in weights, 81 -> 16
+    # would take 8 rounds, some of them removing no tile).
+    schedule = baselines.imp_schedule(9, 0.8)
+    assert schedule == [7, 6, 5, 4, 3, 2] and info.rounds == len(schedule)
+    assert [_kept_tiles(m, 3) for m in round_masks] == schedule
+    for earlier, later in zip(round_masks, round_masks[1:]):
+        assert all((later[k] <= earlier[k]).all() for k in later)
+    assert info.granularity == "block" and info.block_size == 3
+
+
+def test_one_shot_magnitude_two_four():
+    data = _toy_data(d_in=8)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    kwargs = {"steps": 3, "batch_size": 16, "lr": 1e-2}
+    masks, info = baselines.one_shot_magnitude(
+        model, data, 0.5, granularity="2:4", train_kwargs=kwargs
+    )
+    trained = copy.deepcopy(model)
+    train(trained, None, data, **kwargs)
+    expected = baselines.magnitude(trained, 0.5, granularity="2:4")
+    assert all(torch.equal(masks[k], expected[k]) for k in masks)
+    _assert_two_four(masks)
+    assert info.granularity == "2:4" and info.block_size is None
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda model, data: baselines.one_shot_magnitude(
+                model, data, 0.5, granularity="block", block_size=4
+            ),
+            r"'0.weight' has shape \(9, 6\).*block_size 4 does not divide",
+        ),
+        (
+            lambda model, data: baselines.imp(model, data, 0.5, granularity="2:4"),
+            "imp cannot prune to granularity='2:4'",
+        ),
+        (
+            lambda model, data: baselines.imp(model, data, 0.5, granularity="block"),
+            "needs a block_size",
+        ),
+        (
+            lambda model, data: baselines.one_shot_magnitude(model, data, 0.3, granularity="2:4"),
+            "sparsity must be 0.5",
+        ),
+        (lambda model, data: baselines.magnitude(model, 0.5, granularity="tile"), "one of"),
+        (
+            lambda model, data: baselines.snip(
+                model, _batch(BLOCK_SIZES), 0.5, granularity="block", block_size=0
+            ),
+            "block_size must be at least 1",
+        ),
+    ],
+)
+def test_bad_structure_fails_before_any_training(monkeypatch, call, match):
+    def no_training(*args, **kwargs):
+        raise AssertionError("the structure must be checked before training")
+
+    monkeypatch.setattr(baselines, "train", no_training)
+    with pytest.raises(ValueError, match=match):
+        call(_mlp(BLOCK_SIZES), _toy_data())

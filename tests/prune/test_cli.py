@@ -60,6 +60,57 @@ def test_compare_grid_and_resume(tmp_path, capsys):
     assert "5 runs (5 done already" in capsys.readouterr().out
 
 
+# LeNet-300-100 on digits: (300, 64), (100, 300) and (10, 100) weights.
+N_PRUNABLE = 300 * 64 + 100 * 300 + 10 * 100
+
+
+def test_run_granularity_reaches_the_results_and_the_run_identity(tmp_path, capsys):
+    out = tmp_path / "block"
+    block = ["--granularity", "block", "--block-size", "2"]
+    argv = ["run", "--method", "random", "--remaining", "30%", "--out", str(out), *QUICK]
+    assert cli.main([*argv, *block]) == 0
+    text = capsys.readouterr().out
+    assert "masks block 2" in text and "random (block 2) weights remaining" in text
+    saved = json.loads((out / "results.json").read_text())
+    pruned = next(r for r in saved["records"] if r["method"] == "random")
+    assert pruned["granularity"] == "block" and pruned["block_size"] == 2
+    assert pruned["spec"]["baseline"]["granularity"] == "block"
+    assert pruned["spec"]["imc"]["block_size"] == 2  # IMC's masks too
+    # Whole 2 x 2 tiles: every layer keeps a multiple of 4, 30 % of the tiles in all.
+    kept = [layer["kept"] for layer in pruned["layers"].values()]
+    assert all(k % 4 == 0 for k in kept) and sum(kept) == 4 * round(0.3 * N_PRUNABLE / 4)
+    assert {row["method"] for row in saved["rows"]} == {"dense", "random (block 2)"}
+
+    # Element masks in the same folder are another run, not the block run resumed ...
+    assert cli.main(argv) == 0
+    assert "note      reused" not in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [(r["label"], r["granularity"]) for r in records] == [
+        ("dense", "block"),
+        ("random", "block"),
+        ("dense", "element"),
+        ("random", "element"),
+    ]
+    # ... and the block run again is found.
+    assert cli.main([*argv, *block]) == 0
+    assert "note      reused dense, random" in capsys.readouterr().out
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 4
+
+
+def test_compare_two_four(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "random", "oneshot", "--remaining", "0.5", "--seeds", "0"]
+    assert cli.main([*argv, "--granularity", "2:4", "--out", str(out), *QUICK]) == 0
+    assert "| random (2:4) |" in capsys.readouterr().out
+    saved = json.loads((out / "results.json").read_text())
+    for record in saved["records"]:
+        assert record["granularity"] == "2:4" and record["block_size"] is None
+        if record["method"] != "dense":
+            # 2 of every 4 weights of every row: exactly half of every layer.
+            assert all(2 * v["kept"] == v["total"] for v in record["layers"].values())
+    assert {row["method"] for row in saved["rows"]} == {"dense", "random (2:4)", "oneshot (2:4)"}
+
+
 def test_spectrum_writes_json_and_plot(tmp_path, capsys):
     out = tmp_path / "spec"
     assert cli.main(["spectrum", "--out", str(out), *QUICK]) == 0
@@ -77,6 +128,24 @@ def test_spectrum_writes_json_and_plot(tmp_path, capsys):
         (["run", "--remaining", "150%"], "weights remaining must be 'auto'"),
         (["run", "--method", "magnitude"], "unknown method"),
         (["run", "--model", "lenet5"], "unknown model"),
+        (["run", "--granularity", "tile"], "invalid choice: 'tile'"),
+        (["run", "--granularity", "block"], "needs a block_size"),
+        (["run", "--granularity", "block", "--block-size", "0"], "expected a positive integer"),
+        (["run", "--block-size", "2"], "only used with granularity='block'"),
+        # Before any training: LeNet-300-100's last weight is (10, 100).
+        (
+            ["run", "--granularity", "block", "--block-size", "4"],
+            "lenet300100: granularity='block': weight '5.weight' has shape (10, 100)",
+        ),
+        (["run", "--granularity", "2:4"], "remaining must be 0.5, not 'auto'"),
+        (
+            ["run", "--method", "snip", "--remaining", "30%", "--granularity", "2:4"],
+            "remaining must be 0.5, got 0.3",
+        ),
+        (
+            ["compare", "--methods", "imp", "--remaining", "0.5", "--granularity", "2:4"],
+            "method 'imp' cannot prune to granularity '2:4'",
+        ),
     ],
 )
 def test_bad_arguments_say_what_is_wrong(tmp_path, capsys, argv, message):
@@ -86,6 +155,7 @@ def test_bad_arguments_say_what_is_wrong(tmp_path, capsys, argv, message):
         status = exit_.code
     assert status in (1, 2)
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs.jsonl").exists()  # nothing ran
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path, capsys):

@@ -64,6 +64,27 @@ def test_spec_key_changes_with_every_field():
     assert len(keys) == 7
 
 
+def test_spec_key_includes_the_mask_structure():
+    block = {"granularity": "block", "block_size": 2}
+    keys = {
+        _spec("random").key,
+        _spec("random", baseline=block).key,
+        _spec("random", baseline={**block, "block_size": 4}).key,
+        _spec("random", 0.5).key,
+        _spec("random", 0.5, baseline={"granularity": "2:4"}).key,
+        _spec("imc").key,
+        _spec("imc", imc={**SMALL_IMC, **block}).key,
+    }
+    assert len(keys) == 7
+    # The default spelled out is the same run (and the key of runs from before the setting).
+    spelled = _spec("random", baseline={"granularity": "element", "block_size": None})
+    assert spelled.key == _spec("random").key and spelled.baseline == {}
+    # IMC reads its structure from imc=, the other methods from baseline=.
+    assert _spec("imc", imc={**SMALL_IMC, **block}).granularity == "block"
+    assert _spec("random", imc=block).granularity == "element"
+    assert _spec("random", baseline=block).block_size == 2
+
+
 def test_train_kwargs_default_to_the_model_preset():
     assert _spec("random").train_kwargs() == {"epochs": 1, "preset": "lth_lenet"}
     conv = RunSpec("digits", "conv2", "dense")
@@ -93,6 +114,19 @@ def test_train_kwargs_default_to_the_model_preset():
         ({"method": "random", "train": {"seed": 3}}, "not part of a spec"),
         ({"method": "random", "baseline": {"rate": 0.2}}, "unknown baseline settings"),
         ({"method": "random", "train_subset": 0}, "train_subset must be a positive int"),
+        ({"baseline": {"granularity": "tile"}}, "granularity must be one of"),
+        ({"imc": {"granularity": "block"}}, "needs a block_size"),
+        ({"baseline": {"granularity": "block", "block_size": 0}}, "at least 1, got 0"),
+        ({"baseline": {"block_size": 2}}, "only used with granularity='block'"),
+        ({"baseline": {"granularity": "2:4"}}, "remaining must be 0.5, got 0.3"),
+        (
+            {"method": "imc", "remaining": "auto", "imc": {"granularity": "2:4"}},
+            "remaining must be 0.5, not 'auto'",
+        ),
+        (
+            {"method": "imp", "remaining": 0.5, "baseline": {"granularity": "2:4"}},
+            "method 'imp' cannot prune to granularity '2:4'",
+        ),
     ],
 )
 def test_spec_rejects_bad_input(kwargs, match):
@@ -195,6 +229,30 @@ def test_run_one_is_deterministic(cache):
     assert other.history != first.history
 
 
+def test_oneshot_block_prunes_whole_tiles(cache):
+    spec = _spec("oneshot", 0.3, baseline={"granularity": "block", "block_size": 2})
+    record = run_one(spec, data_cache=cache, device="cpu")
+    for name, mask in record.masks.items():
+        tiles = mask.reshape(mask.shape[0] // 2, 2, mask.shape[1] // 2, 2)
+        assert torch.equal(tiles.all(dim=(1, 3)), tiles.any(dim=(1, 3))), name
+    kept = sum(int(m.sum()) for m in record.masks.values())
+    assert kept == 4 * round(0.3 * N_PRUNABLE / 4)
+    assert record.granularity == "block" and record.block_size == 2
+    saved = RunRecord.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert saved.granularity == "block" and saved.block_size == 2
+
+
+def test_structure_that_does_not_fit_fails_before_training(cache, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("the structure must be checked before training")
+
+    monkeypatch.setattr(experiment, "train", no_training)
+    # LeNet-300-100 on digits ends in a (10, 100) layer: tiles of 4 do not fit.
+    spec = _spec("oneshot", 0.3, baseline={"granularity": "block", "block_size": 4})
+    with pytest.raises(ValueError, match=r"'5.weight' has shape \(10, 100\)"):
+        run_one(spec, data_cache=cache, device="cpu")
+
+
 def test_run_one_rejects_non_spec():
     with pytest.raises(TypeError, match="RunSpec"):
         run_one({"method": "dense"})
@@ -248,6 +306,21 @@ def test_imp_masks_equal_baselines_imp(cache, imp_runs):
         # Rounds before the final training: the same sparsities and accuracies.
         assert [r["final_acc"] for r in record.imp[:-1]] == info.accuracies
         assert record.compute["sgd_steps"] == info.sgd_steps + 24
+
+
+def test_imp_block_trajectory_equals_baselines_imp(cache):
+    """With tiles, the trajectory counts its rounds in tiles, as imc_prune.baselines.imp."""
+    block = {"granularity": "block", "block_size": 2}
+    record = run_one(_spec("imp", 0.4, baseline=block), data_cache=cache, device="cpu")
+    splits = cache.get("digits")
+    model = build_model("lenet300100", input_shape=splits.input_shape, seed=0)
+    masks, info = baselines.imp(
+        model, splits, 0.6, train_kwargs={"preset": "lth_lenet", "epochs": 1, "seed": 0}, **block
+    )
+    assert all(torch.equal(record.masks[name], mask) for name, mask in masks.items())
+    assert [r["final_acc"] for r in record.imp[:-1]] == info.accuracies
+    kept = sum(int(m.sum()) for m in record.masks.values())
+    assert kept == 4 * round(0.4 * N_PRUNABLE / 4)
 
 
 def test_imp_rounds_are_shared_across_targets(imp_runs):
@@ -422,6 +495,22 @@ def test_aggregate_mean_and_sample_std():
     assert "| random | 85.00 ± 5.00 |  |" in text  # no auto target for random
     assert "| imc-magnitude |  | 91.00 ± 0.00 |" in text
     assert "| imc-magnitude | auto | 3.100 ± 0.000 |" in text  # measured weights remaining
+
+
+def test_aggregate_keeps_mask_structures_apart():
+    element = _record("snip", 0.1, 0, 0.80)
+    block = {**_record("snip", 0.1, 0, 0.70), "granularity": "block", "block_size": 2}
+    two_four = {**_record("snip", 0.5, 0, 0.75), "granularity": "2:4"}
+    dense = {**_record("dense", 1.0, 0, 0.95), "granularity": "block", "block_size": 2}
+    rows = report.aggregate([two_four, block, element, dense, _record("random", 0.1, 0, 0.5)])
+    assert [(r["method"], r["target"]) for r in rows] == [
+        ("dense", 1.0),
+        ("random", 0.1),
+        ("snip", 0.1),
+        ("snip (2:4)", 0.5),
+        ("snip (block 2)", 0.1),
+    ]
+    assert rows[4]["final_acc"][0] == pytest.approx(0.70)
 
 
 def test_markdown_table_aligns_numbers():

@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 from imc_kernels.spectral import SpectralDensity
 from imc_prune.imc import Spectrum, imc, lipschitz, scores, spectral_gap, warmup
-from imc_prune.masks import prunable_parameters
+from imc_prune.masks import is_two_four, prunable_parameters
 
 imc_mod = importlib.import_module("imc_prune.imc")  # the module; imc_prune.imc is the function
 
@@ -366,6 +366,97 @@ def test_imc_auto_sparsity_follows_the_gap():
 )
 def test_imc_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
+        imc(_tiny_mlp(dtype=torch.float32), _dataset(), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask structure: block tiles and 2:4 groups, against NumPy oracles on |W*| (the magnitude score)
+
+
+def _whole_tiles(mask: torch.Tensor, block: int) -> torch.Tensor:
+    """The tile mask of ``mask``, after checking that every tile is kept or pruned whole."""
+    rows, cols = mask.shape
+    tiles = mask.reshape(rows // block, block, cols // block, block)
+    kept, touched = tiles.all(dim=(1, 3)), tiles.any(dim=(1, 3))
+    assert torch.equal(kept, touched), "a tile is partly kept"
+    return kept
+
+
+def _tile_magnitudes(weight: torch.Tensor, block: int) -> np.ndarray:
+    matrix = weight.abs().double().numpy()
+    rows, cols = matrix.shape
+    return matrix.reshape(rows // block, block, cols // block, block).sum(axis=(1, 3))
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_imc_block_masks_keep_whole_tiles_of_the_largest_magnitude(block):
+    # (12, 6) and (3, 12) weight matrices: 8 + 4 tiles of 3, or 108 single weights.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    res = imc(
+        model, _dataset(inputs=6), sparsity=0.75, granularity="block", block_size=block, **SMALL
+    )
+    tiles = {name: _whole_tiles(mask, block) for name, mask in res.masks.items()}
+    n_tiles = sum(t.numel() for t in tiles.values())
+    assert sum(int(t.sum()) for t in tiles.values()) == round(0.25 * n_tiles)
+    assert res.sparsity == pytest.approx(0.75)  # whole tiles hit 1/4 exactly here
+    # Oracle: tiles ranked by the sum of |W*| (stable, ties to the lower index).
+    sums = [_tile_magnitudes(res.warmup.trained[name], block).reshape(-1) for name in tiles]
+    order = np.argsort(-np.concatenate(sums), kind="stable")[: round(0.25 * n_tiles)]
+    expected = np.zeros(n_tiles, dtype=bool)
+    expected[order] = True
+    got = torch.cat([t.reshape(-1) for t in tiles.values()]).numpy()
+    np.testing.assert_array_equal(got, expected)
+    assert res.granularity == "block" and res.block_size == block
+    assert res.summary()["settings"]["granularity"] == "block"
+    assert res.summary()["settings"]["block_size"] == block
+
+
+def test_imc_two_four_masks_keep_two_of_every_four_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 3))
+    res = imc(model, _dataset(inputs=8), sparsity=0.5, granularity="2:4", **SMALL)
+    for name, mask in res.masks.items():
+        groups = mask.reshape(mask.shape[0], -1, 4)
+        assert (groups.sum(dim=2) == 2).all(), name  # along in_features, every group
+        magnitude = res.warmup.trained[name].abs().reshape(groups.shape)
+        top = torch.sort(magnitude, dim=2, descending=True, stable=True).indices[..., :2]
+        expected = torch.zeros_like(groups).scatter_(2, top, True)
+        assert torch.equal(groups, expected), name
+        assert is_two_four(mask)
+    assert res.sparsity == 0.5 and res.granularity == "2:4" and res.block_size is None
+
+
+def test_imc_element_masks_are_the_default():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    first = imc(model, _dataset(), sparsity=0.5, **SMALL)
+    spelled = imc(model, _dataset(), sparsity=0.5, granularity="element", reuse=first, **SMALL)
+    assert first.granularity == "element" and first.settings["block_size"] is None
+    assert all(torch.equal(first.masks[name], spelled.masks[name]) for name in first.masks)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"granularity": "tile"}, ValueError, "granularity must be one of"),
+        ({"granularity": "block"}, ValueError, "needs a block_size"),
+        ({"granularity": "block", "block_size": 0}, ValueError, "at least 1, got 0"),
+        ({"granularity": "block", "block_size": "2"}, TypeError, "block_size must be an int"),
+        # The tiny MLP's (5, 4) and (3, 5) matrices: 2 divides neither 5 nor 3.
+        ({"granularity": "block", "block_size": 2}, ValueError, r"'0.weight'.*\(5, 4\)"),
+        ({"block_size": 2}, ValueError, "only used with granularity='block'"),
+        ({"granularity": "2:4"}, ValueError, "sparsity='auto'.*cannot be honoured"),
+        ({"granularity": "2:4", "sparsity": 0.3}, ValueError, "sparsity must be 0.5"),
+        ({"granularity": "2:4", "sparsity": 0.5}, ValueError, "'2.weight'.*rows of 5"),
+    ],
+)
+def test_imc_bad_structure_fails_before_the_warmup(monkeypatch, kwargs, error, match):
+    def no_warmup(*args, **kw):
+        raise AssertionError("the structure must be checked before the warm-up")
+
+    monkeypatch.setattr(imc_mod, "warmup", no_warmup)
+    with pytest.raises(error, match=match):
         imc(_tiny_mlp(dtype=torch.float32), _dataset(), **kwargs)
 
 

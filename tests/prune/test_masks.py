@@ -1,4 +1,5 @@
-"""Mask sets: exact kept counts, tie-breaking, which parameters are prunable, clear errors."""
+"""Mask sets: exact kept counts, tie-breaking, block and 2:4 structure against NumPy oracles,
+which parameters are prunable, clear errors."""
 
 import numpy as np
 import pytest
@@ -7,12 +8,15 @@ from torch import nn
 
 from imc_prune.masks import (
     apply_masks,
+    check_granularity,
     check_masks,
     check_sparsity,
     dense_masks,
+    is_two_four,
     masks_from_scores,
     prunable_parameters,
     sparsity_report,
+    weights_per_unit,
 )
 
 # One aligned and one awkward set of layer shapes (primes, a conv kernel).
@@ -120,6 +124,117 @@ def test_scores_errors():
         masks_from_scores([torch.ones(3)], 0.5)
     with pytest.raises(TypeError, match="real tensor"):
         masks_from_scores({"w": torch.ones(3, dtype=torch.bool)}, 0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# Block and 2:4 structure
+
+# (shapes, block size): aligned shapes with tiles of 1 and 8; odd shapes (a conv kernel read as
+# a (3, 12) matrix) with an odd tile of 3.
+BLOCK_CASES = {
+    "aligned-1": ([(16, 32), (32, 16)], 1),
+    "aligned-8": ([(16, 32), (32, 16)], 8),
+    "odd-3": ([(9, 6), (3, 3, 2, 2)], 3),
+}
+
+
+def _tile_sums(score: torch.Tensor, block: int) -> np.ndarray:
+    matrix = score.reshape(score.shape[0], -1).double().numpy()
+    rows, cols = matrix.shape
+    return matrix.reshape(rows // block, block, cols // block, block).sum(axis=(1, 3))
+
+
+def _expand(tile_keep: np.ndarray, block: int, shape) -> np.ndarray:
+    return np.kron(tile_keep, np.ones((block, block), dtype=bool)).reshape(shape)
+
+
+@pytest.mark.parametrize("shapes, block", BLOCK_CASES.values(), ids=BLOCK_CASES.keys())
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.37, 0.75])
+def test_block_masks_keep_the_top_tiles(shapes, block, scope, sparsity):
+    scores = _scores(shapes, seed=3)
+    masks = masks_from_scores(scores, sparsity, scope=scope, granularity="block", block_size=block)
+    tiles = {name: _tile_sums(score, block) for name, score in scores.items()}
+    if scope == "global":
+        flat = np.concatenate([t.reshape(-1) for t in tiles.values()])
+        keep = _reference_keep(flat, int(round((1 - sparsity) * flat.size)))
+        offset = 0
+        expected = {}
+        for name, t in tiles.items():
+            expected[name] = keep[offset : offset + t.size].reshape(t.shape)
+            offset += t.size
+    else:
+        expected = {
+            name: _reference_keep(t.reshape(-1), int(round((1 - sparsity) * t.size))).reshape(
+                t.shape
+            )
+            for name, t in tiles.items()
+        }
+    for name, score in scores.items():
+        want = _expand(expected[name], block, score.shape)
+        np.testing.assert_array_equal(masks[name].numpy(), want)
+
+
+def test_block_masks_of_a_single_tile_size_equal_element_masks():
+    scores = _scores(SHAPES["aligned"], seed=4)
+    element = masks_from_scores(scores, 0.6)
+    block = masks_from_scores(scores, 0.6, granularity="block", block_size=1)
+    assert all(torch.equal(element[name], block[name]) for name in scores)
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (6, 3, 2, 2)], ids=["linear", "conv"])
+def test_two_four_keeps_the_top_two_of_each_group_along_the_rows(shape):
+    score = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    mask = masks_from_scores({"w": score}, 0.5, granularity="2:4")["w"]
+    groups = score.reshape(shape[0], -1, 4).numpy()
+    order = np.argsort(-groups, axis=2, kind="stable")[..., :2]
+    expected = np.zeros(groups.shape, dtype=bool)
+    np.put_along_axis(expected, order, True, axis=2)
+    np.testing.assert_array_equal(mask.reshape(groups.shape).numpy(), expected)
+    assert is_two_four(mask) and int(mask.sum()) == score.numel() // 2
+    # Groups run along the input dimension: the transposed mask is not 2:4 in general.
+    assert not is_two_four(mask.reshape(shape[0], -1).T.contiguous())
+
+
+@pytest.mark.parametrize(
+    "granularity, block_size, kwargs, error, match",
+    [
+        ("tile", None, {}, ValueError, "granularity must be one of"),
+        ("block", None, {}, ValueError, "needs a block_size"),
+        ("block", 0, {}, ValueError, "block_size must be at least 1, got 0"),
+        ("block", -2, {}, ValueError, "block_size must be at least 1, got -2"),
+        ("block", 2.0, {}, TypeError, "block_size must be an int"),
+        ("element", 4, {}, ValueError, "only used with granularity='block'"),
+        ("2:4", None, {"sparsity": 0.3}, ValueError, "sparsity must be 0.5, got 0.3"),
+        (
+            "block",
+            4,
+            {"shapes": {"fc.weight": (10, 100)}},
+            ValueError,
+            r"'fc.weight' has shape \(10, 100\).*block_size 4 does not divide",
+        ),
+        ("2:4", None, {"shapes": {"fc.weight": (4, 6)}}, ValueError, "rows of 6 weights"),
+        ("block", 2, {"shapes": {"bias": (8,)}}, ValueError, "needs weight matrices"),
+    ],
+)
+def test_bad_granularity_says_what_is_wrong(granularity, block_size, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        check_granularity(granularity, block_size, **kwargs)
+    scores = {name: torch.ones(shape) for name, shape in kwargs.get("shapes", {}).items()}
+    with pytest.raises(error, match=match):
+        masks_from_scores(
+            scores or {"w": torch.ones(8, 8)},
+            kwargs.get("sparsity", 0.5),
+            granularity=granularity,
+            block_size=block_size,
+        )
+
+
+def test_check_granularity_accepts_fitting_shapes():
+    check_granularity("block", 3, sparsity=0.9, shapes={"a": (9, 6), "b": (3, 3, 2, 2)})
+    check_granularity("2:4", sparsity=0.5, shapes={"a": (3, 8)})
+    check_granularity("element", shapes={"bias": (7,)})  # element masks take any shape
+    assert weights_per_unit("block", 3) == 9 and weights_per_unit("2:4") == 1
 
 
 def test_prunable_parameters_are_linear_and_conv_weights_only():
