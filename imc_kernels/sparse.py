@@ -72,17 +72,18 @@ SEMI_STRUCTURED_PATHS = ("auto", "semi_structured", "masked_dense")
 #: block-sparse forward + backward beat masked-dense in ``benchmarks/sparse.py``; None where
 #: it never did or was not measured.
 #:
-#: * cpu (the pure-PyTorch twin): None. ``benchmarks/results/cpu-amd-epyc-2c-sparse-1t.md``
-#:   and ``-sparse.md`` (2048 x 2048 layer, 1024 rows, block 64, forward + backward against
-#:   masked-dense, 2 shared AMD EPYC cores under load from other jobs): on one torch thread
-#:   3.6x, 6.6x and 11.5x at 80, 90 and 95 % block sparsity; with the default 2 threads on the
-#:   same machine 0.16x, 0.17x and 0.19x, because each of the twin's ~100 GEMMs and gathers
-#:   per step waited milliseconds for the second OpenMP thread to be scheduled (masked-dense
-#:   runs a few large ops). A gain that flips with the thread count and the machine's load is
-#:   no default; pass ``path="block_sparse"`` where it is measured to win.
+#: * cpu (the pure-PyTorch twin): at most 20 % of the tiles kept, tiles of at least 64.
+#:   ``benchmarks/results/sparse-4096/`` (4096 x 4096 layer, 1024 rows, block 64, forward +
+#:   backward against masked-dense, idle 2-core AMD EPYC): 2.86x, 5.25x and 9.22x at 80, 90
+#:   and 95 % block sparsity with the default 2 threads, 3.39x, 6.41x and 10.7x on one thread
+#:   (2048 x 2048 in ``cpu-amd-epyc-2c-sparse-1t.md``: 3.6x, 6.6x, 11.5x). Caveat, measured
+#:   too: on 2 threads with other jobs loading both cores (``cpu-amd-epyc-2c-sparse.md``) the
+#:   twin fell to 0.16-0.19x, each of its ~100 small GEMMs and gathers per step waiting
+#:   milliseconds for the second OpenMP thread to be scheduled; on a loaded machine pass
+#:   ``path="masked_dense"`` or run one thread.
 #: * cuda (the Triton kernels): None until a GPU run of ``benchmarks/sparse.py`` measures it
 #:   (kernel_design.md 4.3: on by default only at >= 2x at 90 %, block 64, 4096 x 4096).
-AUTO_BLOCK_SPARSE: dict[str, tuple[float, int] | None] = {"cpu": None, "cuda": None}
+AUTO_BLOCK_SPARSE: dict[str, tuple[float, int] | None] = {"cpu": (0.2, 64), "cuda": None}
 
 #: GPU names (``torch.cuda.get_device_name``) on which ``path="auto"`` uses 2:4. Empty: no
 #: run of ``benchmarks/sparse.py`` on a GPU yet; published numbers are 1.1-1.3x on A100

@@ -25,6 +25,7 @@ from imc_kernels import _dispatch
 from imc_kernels.masked import MaskedAdam, MaskedLinear
 from imc_kernels.reference.block_sparse import expand_block_mask
 from imc_kernels.sparse import (
+    AUTO_BLOCK_SPARSE,
     BlockSparseLinear,
     SemiStructuredLinear,
     block_sparse_path,
@@ -139,14 +140,22 @@ def test_masked_dense_path_equals_masked_linear():
     assert torch.equal(layer(x), masked(x))
 
 
-def test_auto_path_on_cpu_is_masked_dense():
-    # benchmarks/sparse.py measured no robust gain of the twin over masked-dense on CPU.
+def test_auto_path_follows_the_measured_thresholds():
+    # benchmarks/sparse.py: the twin beat masked-dense on CPU from 80 % block sparsity with
+    # tiles of 64 (AUTO_BLOCK_SPARSE["cpu"]); nothing is measured on a GPU yet.
+    max_density, min_block = AUTO_BLOCK_SPARSE["cpu"]
+    path, reason = block_sparse_path("cpu", max_density, min_block)
+    assert path == "block_sparse" and "benchmarks/sparse.py" in reason
+    assert block_sparse_path("cpu", 0.05, 128)[0] == "block_sparse"
+    path, reason = block_sparse_path("cpu", max_density + 0.01, min_block)  # too dense
+    assert path == "masked_dense" and f"density <= {max_density:g}" in reason
+    assert block_sparse_path("cpu", 0.05, min_block // 2)[0] == "masked_dense"  # tiles too small
     layer = BlockSparseLinear(64, 64, block_size=32, mask=_random_block_mask(2, 2, keep=0.1))
-    path, reason = layer.active_path()
-    assert path == "masked_dense"
-    assert "off by default on cpu" in reason and "benchmarks/sparse.py" in reason
-    assert block_sparse_path("cuda", 0.05, 64)[0] == "masked_dense"  # not measured on GPU yet
-    assert block_sparse_path("cpu", 0.05, 64, "block_sparse")[0] == "block_sparse"
+    assert layer.active_path()[0] == "masked_dense"  # blocks of 32
+    path, reason = block_sparse_path("cuda", 0.05, 64)  # not measured on GPU yet
+    assert path == "masked_dense" and "has no measurement" in reason
+    assert block_sparse_path("cpu", 0.5, 64, "block_sparse")[0] == "block_sparse"
+    assert block_sparse_path("cpu", 0.05, 64, "masked_dense")[0] == "masked_dense"
     with pytest.raises(ValueError, match="path must be one of"):
         block_sparse_path("cpu", 0.5, 64, "fast")
 
