@@ -18,10 +18,11 @@ On CUDA the cache is not used: torch's caching allocator already reuses device m
 
 from __future__ import annotations
 
-import os
 import threading
 
 import torch
+
+from imc_kernels._memory import byte_budget
 
 ENV_CACHE_BYTES = "IMC_SOLVER_CACHE_BYTES"
 DEFAULT_CACHE_FRACTION = 32  # of physical memory
@@ -38,22 +39,9 @@ def default_cache_bytes() -> int:
     Raises:
         ValueError: the variable is not a non-negative integer.
     """
-    setting = os.environ.get(ENV_CACHE_BYTES, "").strip()
-    if setting:
-        try:
-            value = int(setting)
-        except ValueError:
-            value = -1
-        if value < 0:
-            raise ValueError(
-                f"{ENV_CACHE_BYTES}={setting!r} must be a non-negative number of bytes "
-                "(0 keeps no buffer between solves)"
-            )
-        return value
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // DEFAULT_CACHE_FRACTION
-    except (AttributeError, ValueError, OSError):  # pragma: no cover - not a POSIX system
-        return 2**29
+    return byte_budget(
+        ENV_CACHE_BYTES, DEFAULT_CACHE_FRACTION, 2**29, "0 keeps no buffer between solves"
+    )
 
 
 def cache_limit() -> int:

@@ -23,10 +23,11 @@ pays only for the tangent passes (Pearlmutter's R-op on a cached primal).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import nn
+
+from imc_kernels._memory import byte_budget
 
 ENV_WORKSPACE_BYTES = "IMC_HVP_WORKSPACE_BYTES"
 DEFAULT_WORKSPACE_FRACTION = 8  # of physical memory
@@ -39,24 +40,9 @@ def default_workspace_bytes() -> int:
     Raises:
         ValueError: the variable is not a non-negative integer.
     """
-    setting = os.environ.get(ENV_WORKSPACE_BYTES, "").strip()
-    if setting:
-        try:
-            value = int(setting)
-        except ValueError:
-            value = -1
-        if value < 0:
-            raise ValueError(
-                f"{ENV_WORKSPACE_BYTES}={setting!r} must be a non-negative number of bytes "
-                "(0 keeps no buffer)"
-            )
-        return value
-    try:
-        return (
-            os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // DEFAULT_WORKSPACE_FRACTION
-        )
-    except (AttributeError, ValueError, OSError):  # pragma: no cover - not a POSIX system
-        return 2 * 2**30
+    return byte_budget(
+        ENV_WORKSPACE_BYTES, DEFAULT_WORKSPACE_FRACTION, 2 * 2**30, "0 keeps no buffer"
+    )
 
 
 class Workspace:
