@@ -308,14 +308,12 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             ValueError: a parameter appears twice in the group (it could not be packed).
         """
         listed = param_group.get("params")
-        if isinstance(listed, torch.Tensor):
-            listed = [listed]
-        elif listed is not None and not isinstance(listed, set):  # torch rejects sets itself
-            listed = list(listed)  # (a generator is read once, here)
-            # Before torch's own check, which only warns about a repeated parameter.
+        # Checked before torch's own check, which only warns about a repeated parameter (a
+        # single tensor cannot repeat; torch rejects sets and a missing list itself).
+        if listed is not None and not isinstance(listed, (torch.Tensor, set)):
+            listed = list(listed)  # a generator is read once, here
             if len({id(p) for p in listed}) != len(listed):
                 raise ValueError(f"{type(self).__name__}: a parameter appears twice in one group")
-        if listed is not None:
             param_group = {**param_group, "params": listed}
         super().add_param_group(param_group)
         group = self.param_groups[-1]

@@ -18,6 +18,7 @@ On CUDA the cache is not used: torch's caching allocator already reuses device m
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -128,32 +129,26 @@ def _trim(limit: int) -> None:
 
 def _sole_reference(buffer: torch.Tensor) -> bool:
     """Whether ``buffer`` is the only tensor on its memory (no view or result shares it)."""
-    if _use_count_baseline() is None or buffer._base is not None or buffer.storage_offset() != 0:
+    baseline = _use_count_baseline()
+    if baseline is None or buffer._base is not None or buffer.storage_offset() != 0:
         return False
-    storage = buffer.untyped_storage()
-    return torch._C._storage_Use_Count(
-        storage._cdata
-    ) == _use_count_baseline() and storage.nbytes() == _nbytes(buffer)
+    storage = buffer.untyped_storage()  # alive while counted, as in the calibration
+    if storage.nbytes() != _nbytes(buffer):
+        return False
+    return torch._C._storage_Use_Count(storage._cdata) == baseline
 
 
-_baseline: list[int | None] = []
-
-
+@functools.cache
 def _use_count_baseline() -> int | None:
     """The storage use count torch reports for a tensor nothing else shares, or None when the
     counter is missing or does not see views (then nothing is ever cached).
 
     Calibrated on a probe rather than assumed: what the count includes (the tensor, the
     Python storage object made to read it) differs between torch builds."""
-    if not _baseline:
-        counter = getattr(torch._C, "_storage_Use_Count", None)
-        value = None
-        if counter is not None:
-            probe = torch.empty(1)
-            alone = counter(probe.untyped_storage()._cdata)
-            view = probe.view(1)
-            if counter(probe.untyped_storage()._cdata) == alone + 1:
-                value = alone
-            del view
-        _baseline.append(value)
-    return _baseline[0]
+    counter = getattr(torch._C, "_storage_Use_Count", None)
+    if counter is None:
+        return None
+    probe = torch.empty(1)
+    alone = counter(probe.untyped_storage()._cdata)
+    view = probe.view(1)  # noqa: F841 - alive while counted
+    return alone if counter(probe.untyped_storage()._cdata) == alone + 1 else None
