@@ -111,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=str(_harness.RESULTS_DIR), help="results folder (benchmarks/results)"
     )
     parser.add_argument("--progress", action="store_true", help="tqdm bars")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes running runs side by side (default 1; with --device cuda spread over "
+        "the visible GPUs)",
+    )
+    parser.add_argument("--worker-threads", type=int, default=None, help="CPU threads per worker")
     parser.add_argument("--fresh", action="store_true", help="ignore finished runs, start over")
     parser.add_argument(
         "--quick",
@@ -320,6 +328,8 @@ def main(argv=None) -> int:
             data_cache=cache,
             on_record=on_record,
             title=f"benchmarks/prune.py: {dataset}, {model}",
+            workers=args.workers,
+            threads=args.worker_threads,
         )
         targets, _ = targets_section(result.rows)
         targets_last3, _ = targets_section(result.rows, metric="last3_acc")
@@ -360,7 +370,8 @@ def main(argv=None) -> int:
         f"Command: `{meta['command']}`",
         "",
         f"Commit {meta['commit']}, torch {meta['torch']}, triton {meta['triton'] or '-'}, "
-        f"Python {meta['python']}, {meta['threads']} threads, load {meta['load']} at the end, "
+        f"Python {meta['python']}, {_parallelism(args, meta['threads'])}, load {meta['load']} "
+        "at the end, "
         f"{meta['timestamp']}; {time.perf_counter() - started:.0f} s in this invocation "
         "(runs finished by an earlier invocation were read from runs.jsonl).",
         "",
@@ -377,6 +388,13 @@ def main(argv=None) -> int:
     summary.write_text("\n".join(header + sections), encoding="utf-8")
     print(f"wrote {summary}")
     return 0
+
+
+def _parallelism(args, threads: int) -> str:
+    if args.workers <= 1:
+        return f"{threads} threads"
+    per_worker = args.worker_threads or "shared-out"
+    return f"{args.workers} worker processes ({per_worker} threads each)"
 
 
 def _preset_summary(preset: str, epochs: int | None) -> dict:

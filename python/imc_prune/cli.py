@@ -300,6 +300,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="targets (default 0.2 0.1 0.05 0.02 auto; auto applies to IMC only)",
     )
     cmp.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    cmp.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="processes running runs side by side (default 1); with --device cuda they "
+        "spread over every visible GPU; runs sharing an IMP trajectory or an IMC analysis "
+        "stay in one worker",
+    )
+    cmp.add_argument(
+        "--worker-threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads per worker (default: the cores shared out)",
+    )
     _common(cmp, many_models=True)
     _pruning_options(cmp)
 
@@ -544,6 +558,7 @@ def _cmd_compare(args) -> int:
     print(
         f"compare   {dataset}, {', '.join(args.model)}: {len(specs)} runs "
         f"({len(specs) - todo} done already in {out}), seeds {args.seeds}{_structure(args)}"
+        + (f", {args.workers} workers" if args.workers > 1 else "")
     )
     started = time.perf_counter()
     result = experiment.compare(
@@ -554,6 +569,8 @@ def _cmd_compare(args) -> int:
         device=args.device,
         data_cache=cache,
         title=f"imc-prune compare: {dataset}, {', '.join(args.model)}{_structure(args)}",
+        workers=args.workers,
+        threads=args.worker_threads,
     )
     print(report.results_markdown(result.rows))
     print(f"time      {time.perf_counter() - started:.1f} s")

@@ -84,7 +84,7 @@ from torch import nn
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from imc_prune import baselines, report
+from imc_prune import _parallel, baselines, report
 from imc_prune.data import DATASET_NAMES, DatasetSplits, iterate_batches, load_dataset
 from imc_prune.masks import (
     SCOPES,
@@ -1373,6 +1373,9 @@ def compare(
     data_cache: DataCache | None = None,
     on_record: Callable[[RunRecord], object] | None = None,
     title: str | None = None,
+    workers: int = 1,
+    devices: Sequence | None = None,
+    threads: int | None = None,
 ) -> CompareResult:
     """Run specs, saving each record as it finishes; then write the tables and plots.
 
@@ -1390,15 +1393,26 @@ def compare(
         data_root: the dataset folder (see :func:`imc_prune.data.load_dataset`).
         device: as for :func:`run_one`.
         data_cache: a :class:`DataCache` to share (default: a new one over ``data_root``).
-        on_record: called with each new record after it is saved.
+        on_record: called with each new record after it is saved (with ``workers > 1`` a
+            record read back from its worker: no ``masks`` or ``network``).
         title: heading of ``results.md``.
+        workers: processes that run specs side by side (default 1: in this process). Runs
+            that share cached work (an IMP trajectory's rounds, an IMC seed's spectral
+            analysis) stay together in one worker, in order; results do not depend on the
+            number of workers (see :mod:`imc_prune._parallel`). Only the parent writes files.
+        devices: the workers' devices, assigned in turn (default: from ``device``; ``"cuda"``
+            without an index spreads them over every visible GPU).
+        threads: CPU threads of each worker (default: this process's torch threads shared
+            out among CPU workers, or the machine's cores among GPU workers).
 
     Returns:
         A :class:`CompareResult`.
 
     Raises:
         TypeError: an item that is not a :class:`RunSpec`.
-        ValueError: no specs.
+        ValueError: no specs; bad ``workers``, ``devices`` or ``threads``.
+        Exception: a failing run's own error (from a worker: with its traceback as a note,
+            after the other workers are stopped; the runs finished before stay saved).
 
     Example:
         >>> specs = [RunSpec("digits", "lenet300100", m, remaining=0.1, train={"epochs": 1})
@@ -1413,6 +1427,17 @@ def compare(
     for spec in specs:
         if not isinstance(spec, RunSpec):
             raise TypeError(f"compare takes RunSpecs, got {type(spec).__name__}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
+    worker_devices = (
+        _parallel.worker_devices(device, devices, workers)
+        if workers > 1 or devices is not None
+        else None
+    )
     unique: dict[str, RunSpec] = {}
     for spec in specs:
         unique.setdefault(spec.key, spec)
@@ -1433,23 +1458,49 @@ def compare(
     todo = [spec for key, spec in unique.items() if key not in done]
     ran: list[str] = []
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress)
+
+    def save(record: RunRecord) -> None:
+        _append(runs_path, record)
+        done[record.key] = record.to_dict()
+        ran.append(record.key)
+        bar.update(1)
+        if on_record is not None:
+            on_record(record)
+
+    def describe(spec) -> str:
+        return f"{spec.label} {report.target_label(spec.target)} seed {spec.seed}"
+
     try:
-        for spec in todo:
-            bar.set_description(f"{spec.label} {report.target_label(spec.target)} seed {spec.seed}")
-            record = run_one(
-                spec,
-                data_cache=data_cache,
-                imp_cache=imp_cache,
-                imc_cache=imc_cache,
-                device=device,
-                progress=progress,
+        if worker_devices is None:
+            for spec in todo:
+                bar.set_description(describe(spec))
+                save(
+                    run_one(
+                        spec,
+                        data_cache=data_cache,
+                        imp_cache=imp_cache,
+                        imc_cache=imc_cache,
+                        device=device,
+                        progress=progress,
+                    )
+                )
+        elif todo:
+            groups = _parallel.affinity_groups(todo)
+            bar.set_description(f"runs on {min(workers, len(groups))} workers")
+
+            def finished(data: dict) -> None:
+                record = RunRecord.from_dict(data)
+                bar.set_postfix_str(f"last: {describe(record)}")
+                save(record)
+
+            _parallel.run_parallel(
+                groups,
+                devices=worker_devices,
+                threads=threads or _parallel.default_threads(workers, worker_devices),
+                data_root=data_cache.root,
+                imp_dir=imp_dir,
+                on_result=finished,
             )
-            _append(runs_path, record)
-            done[record.key] = record.to_dict()
-            ran.append(record.key)
-            bar.update(1)
-            if on_record is not None:
-                on_record(record)
     finally:
         bar.close()
     records = [RunRecord.from_dict(done[key]) for key in unique]
