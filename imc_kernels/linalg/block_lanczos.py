@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imc_kernels import ops
+from imc_kernels import _memory, ops
 from imc_kernels.linalg import buffers
 from imc_kernels.linalg.orthogonalize import (
     block_cgs2,
@@ -997,6 +997,29 @@ def _true_residuals(op: _Operator, vectors, values, state) -> torch.Tensor:
     return torch.linalg.vector_norm(product, dim=0, dtype=torch.float64).cpu()
 
 
+def _check_basis_fits(op: _Operator, k: int, b: int, m_max: int, store_products: bool) -> None:
+    """A MemoryError naming the settings when the basis and its companions cannot fit: the
+    basis, the stored products, three block buffers and the ``k`` Ritz vectors (memory the
+    buffer cache would hand over counts as free)."""
+    itemsize = torch.empty(0, dtype=op.dtype).element_size()
+    products = m_max * op.dim * itemsize if store_products else 0
+    need = (m_max + b + 3 * b + k) * op.dim * itemsize + products
+    sizes = [(m_max + b) * op.dim] + ([m_max * op.dim] if store_products else [])
+    cached = buffers.reusable_bytes(sizes, op.dtype, op.device)
+    advice = (
+        f"ask for fewer eigenpairs (k = {k}); block_lanczos also takes a smaller basis_size "
+        f"(now {m_max})"
+    )
+    if products:
+        advice += f" or store_products=False (saves {products / 2**30:.3g} GiB for k products)"
+    _memory.check_fits(
+        max(0, need - cached),
+        op.device,
+        f"the Krylov basis of {m_max + b} vectors of dim {op.dim} (k = {k}, block {b})",
+        advice,
+    )
+
+
 def _direct_solve(op: _Operator, k, which, b, budget, pbar_enabled) -> LanczosResult:
     """``dim <= basis``: form ``H`` from ``dim`` products of identity blocks and ``eigh`` it.
 
@@ -1185,6 +1208,9 @@ def block_lanczos(
         TypeError: an unsupported operator or dtype.
         FloatingPointError: the operator produced NaN or inf (the message names the restart
             cycle and the block).
+        MemoryError: the basis (or, when ``dim`` is not larger than the basis, the dense
+            operator) cannot fit in the memory available; raised before anything is
+            allocated, with what to change.
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
@@ -1233,7 +1259,16 @@ def block_lanczos(
         orthogonalization = "adaptive" if op.device.type == "cpu" else "two_pass"
     generator = torch.Generator().manual_seed(seed)
     if dim <= m_max + b:
+        # The dense float64 operator, the symmetrized copy and eigh's vectors and workspace.
+        _memory.check_fits(
+            4 * dim * dim * 8,
+            torch.device("cpu"),
+            f"forming the {dim} x {dim} operator densely (dim = {dim} is not larger than the "
+            f"Krylov basis of {m_max + b} columns for k = {k})",
+            "ask for fewer eigenpairs (k); block_lanczos also takes a smaller basis_size",
+        )
         return _direct_solve(op, k, which, b, max_matvecs, progress)
+    _check_basis_fits(op, k, b, m_max, store_products)
     n_keep = max(k, m_max // 2)
     reserve = 0 if store_products else k
     if max_matvecs is None:

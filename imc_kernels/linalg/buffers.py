@@ -77,6 +77,21 @@ def cached_bytes() -> int:
         return sum(_nbytes(t) for t in _free)
 
 
+def reusable_bytes(numels, dtype: torch.dtype, device: torch.device) -> int:
+    """Bytes of buffers of the given sizes that :func:`take` would serve from the cache now
+    (each cached buffer counted once): memory a solve of those sizes does not allocate."""
+    if torch.device(device).type != "cpu":
+        return 0
+    with _lock:
+        free = [t.numel() for t in _free if t.dtype == dtype]
+        total = 0
+        for numel in numels:
+            if numel in free:
+                free.remove(numel)
+                total += numel * torch.empty(0, dtype=dtype).element_size()
+        return total
+
+
 def empty_cache() -> None:
     """Free every buffer the cache holds."""
     with _lock:
