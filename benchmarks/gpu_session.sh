@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh build test-gpu eig   # call 1: about 9 minutes at most
 #   bash benchmarks/gpu_session.sh hvp sparse           # call 2: about 3.5 minutes at most
 #   bash benchmarks/gpu_session.sh test prune           # only if time is left
+#   bash benchmarks/gpu_session.sh conv2                # issue 4's Conv-2 protocol, resumable
 #
 # (On a fresh machine every call starts with `build`.) Prepare once on the CPU machine:
 # `make gpu-carry` writes .gpu_carry/ (git-ignored): Fashion-MNIST's IDX files and the peers'
@@ -28,6 +29,12 @@
 #   sparse    sparse.py (4096 x 4096, 80/90/95 % block sparsity, 2:4, the optimizer), 90 s.
 #   prune     prune.py --quick, 120 s.
 #   bench     eig hvp sparse prune.
+#   conv2     prune.py's full protocol on Conv-2 (10 epochs, 3 seeds, every method and
+#             target: 174 training runs, ~60 core-hours on the 2-core CPU machine) with
+#             $CONV2_WORKERS worker processes (default 8) sharing the GPU, 540 s. Runs
+#             finish into .conv2_runs/ (kept while the machine stays warm) and are copied to
+#             $OUT/results/conv2/ after the stage: put that folder's runs.jsonl into
+#             .gpu_carry/conv2/ and a later call on a fresh machine resumes from it.
 # Results go to $OUT/results/, to be committed under benchmarks/results/ with the device named.
 #
 # DRY=1 runs the stages on whatever device is there in --quick form without installing
@@ -112,8 +119,40 @@ stage_bench() {
   hvp) run hvp 120 "$PYTHON" benchmarks/hvp.py "${quick[@]}" --max-call-s 10 --out "$results" ;;
   sparse) run sparse 90 "$PYTHON" benchmarks/sparse.py "${quick[@]}" --out "$results" ;;
   prune) run prune 120 "$PYTHON" benchmarks/prune.py --quick --out "$results/prune-quick" ;;
+  conv2) stage_conv2 "$results" "${quick[@]}" ;;
   esac
   ls -R "$results" >>"$OUT/session.log"
+}
+
+# The Conv-2 protocol: resumes from .conv2_runs/ (this machine) or .gpu_carry/conv2/ (carried).
+stage_conv2() {
+  local results=$1 runs=${CONV2_RUNS:-$ROOT/.conv2_runs} workers=${CONV2_WORKERS:-8} limit=540
+  local suffix=""
+  shift
+  local extra=("$@")
+  if [ "$DRY" = 1 ]; then
+    workers=2
+    limit=240
+    suffix=_quick
+    extra+=(--methods random,oneshot)
+  fi
+  # prune.py's folder for this device: <out>/<device>/fashion-mnist_conv2/.
+  local key folder
+  key=$("$PYTHON" -c 'import torch
+from benchmarks import _harness
+print(_harness.device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")))')
+  folder="$runs/$key/fashion-mnist_conv2$suffix"
+  if [ ! -f "$folder/runs.jsonl" ] && [ -f "$CARRY/conv2/runs.jsonl" ]; then
+    mkdir -p "$folder"
+    cp "$CARRY/conv2/runs.jsonl" "$folder/"
+    log "conv2: resuming from the carried runs.jsonl ($(wc -l <"$folder/runs.jsonl") runs)"
+  fi
+  run conv2 "$limit" "$PYTHON" benchmarks/prune.py --models conv2 --workers "$workers" \
+    --out "$runs" "${extra[@]}"
+  mkdir -p "$results/conv2"
+  # Everything but the saved IMP rounds (checkpoints, megabytes each).
+  (cd "$runs" && find . -type f ! -name '*.pt' -exec cp --parents {} "$results/conv2/" \;)
+  log "conv2: $(wc -l <"$folder/runs.jsonl" 2>/dev/null || echo 0) runs saved in $folder"
 }
 
 if [ $# -eq 0 ]; then
@@ -125,10 +164,10 @@ for stage in "$@"; do
   build) stage_build ;;
   test-gpu) tests pytest-gpu 200 -k "cuda or gpu" ;;
   test) tests pytest 420 ;;
-  eig | hvp | sparse | prune) stage_bench "$stage" ;;
+  eig | hvp | sparse | prune | conv2) stage_bench "$stage" ;;
   bench) for part in eig hvp sparse prune; do stage_bench "$part"; done ;;
   *)
-    log "unknown stage $stage (build, test-gpu, test, eig, hvp, sparse, prune, bench)"
+    log "unknown stage $stage (build, test-gpu, test, eig, hvp, sparse, prune, bench, conv2)"
     exit 2
     ;;
   esac

@@ -22,10 +22,13 @@ runs are bitwise reproducible for a given ``threads``.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import pickle
 import queue
+import signal
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -160,7 +163,16 @@ def run_parallel(
         for index in range(n_workers):
             process = context.Process(
                 target=_worker,
-                args=(index, str(devices[index]), threads, data_root, imp_dir, tasks, results),
+                args=(
+                    index,
+                    str(devices[index]),
+                    threads,
+                    data_root,
+                    imp_dir,
+                    tasks,
+                    results,
+                    os.getpid(),
+                ),
                 name=f"imc-prune-worker-{index}",
                 daemon=True,
             )
@@ -229,7 +241,25 @@ def _portable(exc: BaseException) -> BaseException | None:
     return copy if type(copy) is type(exc) else None
 
 
-def _worker(index, device, threads, data_root, imp_dir, tasks, results) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this worker when the parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    A parent stopped by a signal (``timeout``, a job scheduler's SIGTERM, a kill) runs no
+    cleanup, so without this its workers would train on, holding CPU cores or a GPU, with
+    nobody left to save their runs.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - no prctl
+            pass
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
+def _worker(index, device, threads, data_root, imp_dir, tasks, results, parent) -> None:
+    _die_with_parent(parent)
     torch.set_num_threads(threads)
     from imc_prune.experiment import DataCache, ImcCache, ImpCache, run_one
 

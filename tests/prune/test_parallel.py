@@ -7,11 +7,18 @@ spawned worker imports torch and imc_prune first (a few seconds).
 """
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
+from imc_kernels import _dispatch
 from imc_prune import _parallel, cli, experiment
 from imc_prune.experiment import DataCache, RunSpec, compare
 
@@ -197,3 +204,67 @@ def test_cli_compare_with_workers(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["compare", "--workers", "0", "--dataset", "digits", "--quick"])
     assert "--workers" in capsys.readouterr().err
+
+
+SCRIPT = """
+import sys
+from imc_prune.experiment import RunSpec, compare
+if __name__ == "__main__":
+    specs = [RunSpec("digits", "lenet300100", "random", 0.3, seed, train={"epochs": 5000})
+             for seed in range(4)]
+    print("started", flush=True)
+    compare(specs, sys.argv[1], device="cpu", workers=2, threads=1)
+"""
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found.update(int(p) for p in text)
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\\nState:\\tZ" not in status  # a zombie is dead, only not reaped
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/task").exists()
+    or not Path(f"/proc/self/task/{os.getpid()}/children").exists(),
+    reason="needs Linux /proc children lists",
+)
+def test_workers_die_with_a_killed_parent(tmp_path):
+    script = tmp_path / "sweep.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, _dispatch.ENV_BACKEND: "reference"}
+    parent = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "out")], env=env, stdout=subprocess.PIPE
+    )
+    try:
+        assert parent.stdout.readline().strip() == b"started"
+        deadline = time.monotonic() + 60
+        workers: set[int] = set()
+        while len(workers) < 2 and time.monotonic() < deadline:
+            # The spawn machinery's resource tracker is a child too; workers run imc_prune.
+            workers = {
+                pid
+                for pid in _children(parent.pid)
+                if b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            }
+            time.sleep(0.2)
+        assert len(workers) == 2, "the workers did not start"
+        parent.send_signal(signal.SIGTERM)  # as `timeout` stops a command: no cleanup runs
+        parent.wait(timeout=30)
+        # Each worker is minutes into a 5000-epoch run: only the kernel stops it this soon.
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_running(pid) for pid in workers), "workers outlived their parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
