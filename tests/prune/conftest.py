@@ -19,3 +19,11 @@ def _twins_instead_of_the_interpreter():
         if _dispatch.triton_interpret() and not torch.cuda.is_available():
             patch.setenv(_dispatch.ENV_BACKEND, "reference")
         yield
+
+
+@pytest.fixture(scope="module")
+def cache():
+    """Datasets loaded once per module (scikit-learn digits in most tests)."""
+    from imc_prune.experiment import DataCache
+
+    return DataCache()

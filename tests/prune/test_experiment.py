@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from imc_prune import baselines, experiment, report
-from imc_prune.experiment import DataCache, ImpCache, RunRecord, RunSpec, compare, run_one
+from imc_prune.experiment import ImpCache, RunRecord, RunSpec, compare, run_one
 from imc_prune.models import build_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -23,11 +23,6 @@ SMALL_IMC = {"hessian_batch_size": 256, "k": 4, "n_probes": 2, "steps": 16, "n_d
 N_PRUNABLE = 64 * 300 + 300 * 100 + 100 * 10
 # Chance is 10 %; one epoch at 30 % of the weights reaches 75-95 % on digits.
 ABOVE_CHANCE = 0.5
-
-
-@pytest.fixture(scope="module")
-def cache():
-    return DataCache()
 
 
 def _spec(method, remaining=0.3, seed=0, **kw):

@@ -20,7 +20,7 @@ import torch
 
 from imc_kernels import _dispatch
 from imc_prune import _parallel, cli, experiment
-from imc_prune.experiment import DataCache, RunSpec, compare
+from imc_prune.experiment import RunSpec, compare
 
 TRAIN = {"epochs": 1}
 SMALL_IMC = {"hessian_batch_size": 256, "k": 4, "n_probes": 2, "steps": 16, "n_directions": 1}
@@ -28,16 +28,10 @@ SMALL_IMC = {"hessian_batch_size": 256, "k": 4, "n_probes": 2, "steps": 16, "n_d
 TIMING = ("wall_s", "elapsed_s", "environment")
 
 
-@pytest.fixture(scope="module")
-def cache():
-    return DataCache()
-
-
-def _spec(method, remaining=0.3, seed=0, **kw):
-    kw.setdefault("train", TRAIN)
-    if method.startswith("imc"):
-        kw.setdefault("imc", SMALL_IMC)
-    return RunSpec("digits", "lenet300100", method, remaining, seed, **kw)
+def _spec(method, remaining=0.3, seed=0, imc=None):
+    """A digits LeNet-300-100 run of one epoch (IMC with a small spectrum)."""
+    analysis = SMALL_IMC if imc is None and method.startswith("imc") else (imc or {})
+    return RunSpec("digits", "lenet300100", method, remaining, seed, train=TRAIN, imc=analysis)
 
 
 def _without_clocks(record: dict) -> dict:
