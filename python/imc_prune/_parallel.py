@@ -85,40 +85,21 @@ def worker_devices(device, devices: Sequence | None, workers: int) -> list[torch
 
     Raises:
         ValueError: an empty ``devices``, a device name torch does not know, or a CUDA
-            device that is not there.
+            device that is not there (from :func:`imc_prune.experiment.resolve_device`).
     """
-    from imc_prune.experiment import _resolve_device
+    from imc_prune.experiment import resolve_device
 
     if devices is not None:
         if isinstance(devices, (str, torch.device)) or len(devices) == 0:
             raise ValueError(f"devices must be a non-empty list of devices, got {devices!r}")
-        pool = [_parse_device(d) for d in devices]
+        pool = [resolve_device(d) for d in devices]
     else:
-        resolved = _resolve_device(device)
+        resolved = resolve_device(device)
         if resolved.type == "cuda" and resolved.index is None:
-            _check_cuda(resolved)
             pool = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
         else:
             pool = [resolved]
-    for d in pool:
-        if d.type == "cuda":
-            _check_cuda(d)
     return [pool[i % len(pool)] for i in range(workers)]
-
-
-def _parse_device(value) -> torch.device:
-    try:
-        return torch.device(value)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"devices: {value!r} is not a device ({exc})") from None
-
-
-def _check_cuda(device: torch.device) -> None:
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        raise ValueError(f"device {device} asked for, but torch sees no CUDA device")
-    if device.index is not None and device.index >= count:
-        raise ValueError(f"device {device} asked for, but torch sees {count} CUDA device(s)")
 
 
 def default_threads(workers: int, devices: Sequence[torch.device]) -> int:

@@ -123,6 +123,15 @@ def _name(names: Sequence[str], what: str):
     return parse
 
 
+def _device(text: str):
+    """``--device``: checked when the arguments are read (a CUDA device on a machine without
+    one is an argument error, not an assertion from inside torch)."""
+    try:
+        return experiment.resolve_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -187,7 +196,10 @@ def _common(parser: argparse.ArgumentParser, *, many_models: bool) -> None:
     general = parser.add_argument_group("general")
     general.add_argument("--out", default=None, help="output folder (default runs/<...>)")
     general.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)"
+        "--device",
+        type=_device,
+        default="auto",
+        help="cpu, cuda, cuda:1, ... or auto (default)",
     )
     general.add_argument(
         "--progress",
@@ -599,7 +611,7 @@ def _cmd_spectrum(args) -> int:
         )
     )
     splits = cache.get(dataset, spec.train_subset, spec.test_subset)
-    device = experiment._resolve_device(args.device)
+    device = experiment.resolve_device(args.device)
     model = experiment._build(spec, splits).to(device)
     dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"spectrum  {dataset}, {args.model} (d = {dim:,}), seed {args.seed}")

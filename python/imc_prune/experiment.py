@@ -1015,10 +1015,30 @@ def _environment(device) -> dict[str, Any]:
     }
 
 
-def _resolve_device(device) -> torch.device:
+def resolve_device(device) -> torch.device:
+    """``device`` as a ``torch.device`` (None or ``"auto"``: CUDA when available).
+
+    Raises:
+        ValueError: a name torch does not know, or a CUDA device that is not there (instead
+            of torch's assertion deep inside the first allocation).
+    """
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{device!r} is not a device ({exc})") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = " (a CPU-only build)" if torch.version.cuda is None else ""
+            raise ValueError(
+                f"device {resolved} asked for, but torch {torch.__version__}{build} sees no "
+                "CUDA device; use cpu, or auto to take CUDA when there is one"
+            )
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {resolved} asked for, but torch sees {count} CUDA device(s)")
+    return resolved
 
 
 def run_one(
@@ -1060,7 +1080,7 @@ def run_one(
     if not isinstance(spec, RunSpec):
         raise TypeError(f"run_one takes a RunSpec, got {type(spec).__name__}")
     started = time.perf_counter()
-    device = _resolve_device(device)
+    device = resolve_device(device)
     data_cache = data_cache if data_cache is not None else DataCache()
     imp_cache = imp_cache if imp_cache is not None else ImpCache()
     splits = data_cache.get(spec.dataset, spec.train_subset, spec.test_subset)

@@ -4,6 +4,7 @@ files they promise, resuming, and the errors a user sees."""
 import json
 
 import pytest
+import torch
 
 from imc_prune import cli
 
@@ -162,3 +163,18 @@ def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
     argv = ["run", "--dataset", "cifar10", "--data-root", str(tmp_path), "--out", str(tmp_path)]
     assert cli.main([*argv, "--quick", "--no-progress"]) == 1
     assert "cifar-10 not found" in capsys.readouterr().err.lower()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_a_device_that_is_not_there_is_an_argument_error(capsys):
+    # Before the check: torch's "Torch not compiled with CUDA enabled" assertion, a traceback.
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", "--device", "cuda", *QUICK])
+    assert exit_.value.code == 2
+    assert "sees no CUDA device; use cpu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["spectrum", "--device", "gpu", *QUICK])
+    assert "'gpu' is not a device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--device", "cuda:1", "--workers", "2", *QUICK])
+    assert "argument --device: device cuda:1 asked for" in capsys.readouterr().err

@@ -583,3 +583,11 @@ def test_record_round_trip():
     assert "masks" not in data and "network" not in data
     assert RunRecord.from_dict({**data, "extra": 1}).to_dict() == data
     assert math.isclose(data["final_acc"], 0.9)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_run_one_on_a_device_that_is_not_there(cache):
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        run_one(_spec("random"), data_cache=cache, device="cuda")
+    with pytest.raises(ValueError, match="'tpu' is not a device"):
+        run_one(_spec("random"), data_cache=cache, device="tpu")
