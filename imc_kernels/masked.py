@@ -928,7 +928,7 @@ def mask_model(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module
     Raises:
         ValueError: a key is not the weight of a module, or names a module that is not an
             exact ``nn.Linear``/``nn.Conv2d`` (a subclass may read its weight elsewhere).
-        TypeError: a mask that is not a bool tensor.
+        TypeError: ``masks`` is not a mapping, or a mask is not a bool tensor.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -936,6 +936,11 @@ def mask_model(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module
         >>> type(model[0]).__name__, [name for name, _ in model.named_parameters()][:2]
         ('MaskedLinear', ['0.weight', '0.bias'])
     """
+    if not isinstance(masks, Mapping):
+        raise TypeError(
+            f"mask_model: masks must be a dict of weight name -> bool mask, got "
+            f"{type(masks).__name__}"
+        )
     for key, mask in masks.items():
         prefix, _, leaf = key.rpartition(".")
         if leaf != "weight":

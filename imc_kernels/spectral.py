@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from imc_kernels.hvp import HessianOperator
-from imc_kernels.linalg.block_lanczos import WHICH, block_lanczos
+from imc_kernels.linalg.block_lanczos import WHICH, block_lanczos, check_seed
 from imc_kernels.linalg.slq import PROBES, cumulative_count, density_on_grid, slq
 
 __all__ = ["EigenResult", "SpectralDensity", "spectral_density", "top_eigvecs"]
@@ -125,12 +125,21 @@ class SpectralDensity:
         Returns:
             ``(grid, density, cdf)`` float64 (CPU); the density integrates to 1 over the
             line, the cdf is its cumulative trapezoid normalized to end at 1.
+
+        Raises:
+            ValueError, TypeError: as :func:`imc_kernels.linalg.density_on_grid` (a bad
+                ``sigma`` or ``n_grid``, an unsorted or non-finite ``grid``).
         """
         return density_on_grid(self.nodes, self.weights, grid=grid, sigma=sigma, n_grid=n_grid)
 
     def fraction_below(self, x, *, sigma: float | None = None) -> torch.Tensor:
         """Estimated fraction of eigenvalues ``<= x`` (a step function, or smoothed with
-        ``sigma`` like :meth:`density`); multiply by :attr:`dim` for a count."""
+        ``sigma`` like :meth:`density`); multiply by :attr:`dim` for a count.
+
+        Raises:
+            TypeError: ``x`` is not real numbers. ValueError: ``x`` holds NaN, or a bad
+                ``sigma``.
+        """
         return cumulative_count(self.nodes, self.weights, x, sigma=sigma)
 
     def moment(self, order: int) -> float:
@@ -167,6 +176,23 @@ def _operator(model, batch, loss_fn, curvature: str, engine: str, who: str):
     raise TypeError(
         f"{who}: model must be a torch.nn.Module or a HessianOperator, got {type(model).__name__}"
     )
+
+
+_SOLVER_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_model_dtype(model, who: str) -> None:
+    """TypeError for a model (or operator) whose dtype the solvers cannot take: their basis
+    and products are float32 or float64, and a float16 model's products would be refused
+    deep inside with a message about the vectors."""
+    if isinstance(model, nn.Module):
+        dtype = next((p.dtype for p in model.parameters() if p.requires_grad), None)
+        what, fix = "the model's parameters are", "model.float()"
+    else:
+        dtype = getattr(model, "dtype", None)
+        what, fix = "the operator's dtype is", "an operator built on model.float()"
+    if dtype is not None and dtype not in _SOLVER_DTYPES:
+        raise TypeError(f"{what} {dtype}; {who} needs float32 or float64 ({fix})")
 
 
 def _replicated_seed(operator, seed: int) -> int:
@@ -236,7 +262,7 @@ def top_eigvecs(
             ``block_size`` or ``max_hvps``, a missing batch, or settings that contradict a
             ready operator.
         TypeError: ``model`` is neither a module nor an operator; a model dtype other than
-            float32 or float64.
+            float32 or float64 (float16, bfloat16); a ``seed`` that is not an int.
         FloatingPointError: a product was not finite.
 
     Example:
@@ -250,6 +276,8 @@ def top_eigvecs(
         raise ValueError(f"k must be a positive integer smaller than the dimension, got {k!r}")
     if which not in WHICH:
         raise ValueError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
+    seed = check_seed(seed)
+    _check_model_dtype(model, "top_eigvecs")
     operator = _operator(model, batch, loss_fn, curvature, engine, "top_eigvecs")
     dim = int(operator.dim)
     if k >= dim:
@@ -329,6 +357,8 @@ def spectral_density(
     Raises:
         ValueError: non-positive ``n_probes`` or ``steps``, an unknown probe kind, a missing
             batch.
+        TypeError: ``model`` is neither a module nor an operator; a model dtype other than
+            float32 or float64 (float16, bfloat16); a ``seed`` that is not an int.
         FloatingPointError: a product was not finite.
 
     Example:
@@ -344,6 +374,8 @@ def spectral_density(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if probes not in PROBES:
         raise ValueError(f"probes must be one of {', '.join(PROBES)}, got {probes!r}")
+    seed = check_seed(seed)
+    _check_model_dtype(model, "spectral_density")
     operator = _operator(model, batch, loss_fn, curvature, engine, "spectral_density")
     dim = int(operator.dim)
     seed = _replicated_seed(operator, seed)

@@ -19,7 +19,9 @@ engine is the point: under ``TRITON_INTERPRET=1`` (tests on CPU) the fused engin
 are interpreted, ~100x slower.
 """
 
+import copy
 import math
+import re
 
 import pytest
 import torch
@@ -310,6 +312,58 @@ def test_bad_input(oracle, kwargs, error, message):
     args = {"model": model, "batch": batch, "k": 3, "engine": "func", **kwargs}
     with pytest.raises(error, match=message):
         ik.top_eigvecs(args.pop("model"), args.pop("batch"), args.pop("k"), **args)
+
+
+def _solve(solver, model, batch):
+    if solver == "top_eigvecs":
+        return ik.top_eigvecs(model, batch, 3)
+    return ik.spectral_density(model, batch, n_probes=2, steps=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("solver", ["top_eigvecs", "spectral_density"])
+def test_low_precision_model_is_refused_early(oracle, solver, dtype):
+    """A float16 model reached the solver and failed on 'v has dtype torch.float32, the
+    model's parameters are torch.float16'; now the message names what to change."""
+    model, batch, _, _, _ = oracle("mlp")
+    model = copy.deepcopy(model).to(dtype)
+    batch = (batch[0].to(dtype), batch[1])
+    message = f"the model's parameters are {dtype}; {solver} needs float32 or float64"
+    with pytest.raises(TypeError, match=re.escape(message + " (model.float())")):
+        _solve(solver, model, batch)
+    operator = ik.HessianOperator(model, None, batch, engine="func")
+    with pytest.raises(TypeError, match=re.escape(f"the operator's dtype is {dtype}; {solver}")):
+        _solve(solver, operator, None)
+
+
+@pytest.mark.parametrize("seed", ["a", 1.5, 1.7, None], ids=repr)
+def test_seed_must_be_an_int(oracle, seed):
+    """seed='a' or 1.5 raised torch's 'manual_seed expected a long'."""
+    model, batch, _, _, _ = oracle("mlp")
+    message = f"seed must be an int, got {re.escape(repr(seed))}"
+    with pytest.raises(TypeError, match=message):
+        ik.top_eigvecs(model, batch, 3, seed=seed, engine="func")
+    with pytest.raises(TypeError, match=message):
+        ik.spectral_density(model, batch, n_probes=2, steps=3, seed=seed, engine="func")
+
+
+def test_density_helpers_check_their_arguments(oracle):
+    """density(n_grid=0) was an IndexError, sigma=inf a NaN density, an unsorted grid a
+    meaningless cdf, fraction_below(nan) 0.0 and fraction_below('a') numpy's TypeError."""
+    model, batch, _, _, _ = oracle("mlp")
+    dens = ik.spectral_density(model, batch, n_probes=2, steps=5, engine="func")
+    with pytest.raises(ValueError, match="n_grid must be an integer >= 2, got 0"):
+        dens.density(n_grid=0)
+    with pytest.raises(ValueError, match="sigma must be positive and finite, got inf"):
+        dens.density(sigma=float("inf"))
+    with pytest.raises(ValueError, match="grid must be sorted ascending"):
+        dens.density(grid=torch.tensor([1.0, -1.0, 0.0, 0.5]))
+    with pytest.raises(ValueError, match="x must not hold NaN"):
+        dens.fraction_below(float("nan"))
+    with pytest.raises(TypeError, match="x must be a real number"):
+        dens.fraction_below("a")
+    grid, density, cdf = dens.density(grid=torch.tensor([-1.0, 0.0, 0.5, 1.0]))
+    assert bool((cdf.diff() >= 0).all()) and torch.isfinite(density).all()
 
 
 def test_same_seed_same_bits(oracle):

@@ -181,26 +181,91 @@ def resolve_loss(loss_fn: Callable | None, targets: torch.Tensor) -> Callable:
     return nn.CrossEntropyLoss()
 
 
-def check_targets(output: torch.Tensor, targets: torch.Tensor, loss_fn: Callable) -> None:
-    """Clear errors for the common loss/target mistakes, before they become NaNs or crashes.
+def check_batch_not_empty(targets: torch.Tensor) -> None:
+    """Raises ValueError for a batch of no samples (its mean loss would be NaN)."""
+    if targets.shape[0] == 0:
+        raise ValueError(
+            "the batch is empty (0 samples); the loss and its Hessian need at least one sample"
+        )
+
+
+# Integer class-index targets that F.cross_entropy refuses (it takes int64 and uint8): cast to
+# int64 so that every engine sees the same targets (the fused kernel takes any integer type).
+_NARROW_INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.uint8)
+
+
+def prepare_targets(loss_fn: Callable, targets: torch.Tensor) -> torch.Tensor:
+    """``targets``, with narrow integer class indices of cross-entropy cast to int64."""
+    if is_cross_entropy(loss_fn) and targets.dtype in _NARROW_INDEX_DTYPES:
+        return targets.long()
+    return targets
+
+
+def check_targets(output, targets: torch.Tensor, loss_fn: Callable) -> None:
+    """Clear errors for the common model/loss/target mistakes, before they become NaNs or
+    crashes.
 
     Raises:
-        ValueError: class indices out of range, or MSE targets of the wrong shape.
+        TypeError: the model returned something else than one tensor.
+        ValueError: cross-entropy on outputs other than ``(N, C, ...)``, class-index targets
+            of the wrong shape or out of range, every target ``ignore_index`` (mean
+            reduction), or MSE targets of the wrong shape.
     """
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(
+            f"the model must return one tensor, got {type(output).__name__}; wrap it in a "
+            "module whose forward returns the output the loss takes"
+        )
     if is_cross_entropy(loss_fn) and not targets.dtype.is_floating_point:
-        n_classes = output.shape[1] if output.dim() > 1 else output.shape[0]
-        ignore = getattr(loss_fn, "ignore_index", -100)
-        valid = targets != ignore
-        bad = valid & ((targets < 0) | (targets >= n_classes))
-        if bool(bad.any()):
-            raise ValueError(
-                f"cross-entropy targets must lie in [0, {n_classes}) for a model with "
-                f"{n_classes} outputs; found {targets[bad][:5].tolist()}"
-            )
+        _check_class_indices(output, targets, loss_fn)
     if is_mse(loss_fn) and targets.shape != output.shape:
         raise ValueError(
             f"MSE targets have shape {tuple(targets.shape)} but the model output has shape "
             f"{tuple(output.shape)}"
+        )
+
+
+def _check_class_indices(output: torch.Tensor, targets: torch.Tensor, loss_fn: Callable) -> None:
+    if output.dim() < 2:
+        raise ValueError(
+            f"cross-entropy takes model outputs of shape (N, C), one score per class, got "
+            f"shape {tuple(output.shape)}; for one output per sample use another loss (e.g. "
+            "nn.BCEWithLogitsLoss with float targets)"
+        )
+    want = (output.shape[0], *output.shape[2:])
+    if tuple(targets.shape) != want:
+        raise ValueError(
+            f"cross-entropy class-index targets must have shape {want} (one class index per "
+            f"sample) for model outputs of shape {tuple(output.shape)}, got "
+            f"{tuple(targets.shape)}; e.g. targets.view(-1) drops a trailing dimension of 1"
+        )
+    n_classes = output.shape[1]
+    ignore = getattr(loss_fn, "ignore_index", -100)
+    valid = targets != ignore
+    bad = valid & ((targets < 0) | (targets >= n_classes))
+    # One host read for both checks (this runs once per operator).
+    any_bad, any_valid = torch.stack([bad.any(), valid.any()]).tolist()
+    if any_bad:
+        raise ValueError(
+            f"cross-entropy targets must lie in [0, {n_classes}) for a model with "
+            f"{n_classes} outputs; found {targets[bad][:5].tolist()}"
+        )
+    if not any_valid and getattr(loss_fn, "reduction", "mean") == "mean":
+        raise ValueError(
+            f"every target is ignore_index ({ignore}): the mean cross-entropy over no samples "
+            "is undefined (NaN); give the batch at least one labelled sample"
+        )
+
+
+def check_loss(loss) -> None:
+    """Raises TypeError or ValueError unless ``loss`` is a 0-dim tensor (what
+    ``loss_fn`` must return)."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+    if loss.dim() != 0:
+        raise ValueError(
+            f"loss_fn must return a scalar (a 0-dim tensor), got shape {tuple(loss.shape)}; "
+            "use reduction='mean' or 'sum'"
         )
 
 

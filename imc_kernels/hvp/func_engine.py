@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from imc_kernels.hvp._common import ParamLayout, call_model, is_mse
+from imc_kernels.hvp.double_backward import check_weight_norm
 
 
 class FuncEngine:
@@ -31,6 +32,7 @@ class FuncEngine:
         targets: torch.Tensor,
         curvature: str,
     ):
+        check_weight_norm(model)  # no forward-mode rule; its double backward is wrong
         self.layout = layout
         self.curvature = curvature
         primals = {name: p.detach() for name, p in zip(layout.names, layout.params)}
@@ -70,10 +72,18 @@ class FuncEngine:
     def matmat(self, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per parameter ``(b, *shape)`` tangents -> per parameter ``(b, *shape)`` products."""
         block = dict(zip(self.layout.names, tangents))
-        if tangents[0].shape[0] == 1:
-            single = self._product({k: v[0] for k, v in block.items()})
-            return [single[name].unsqueeze(0) for name in self.layout.names]
-        out = self._block_product(block)
+        try:
+            if tangents[0].shape[0] == 1:
+                single = self._product({k: v[0] for k, v in block.items()})
+                return [single[name].unsqueeze(0) for name in self.layout.names]
+            out = self._block_product(block)
+        except NotImplementedError as exc:
+            # An op without a forward-mode rule (old-style nn.utils.weight_norm's
+            # _weight_norm_interface, some custom autograd Functions).
+            raise NotImplementedError(
+                f"the func engine (forward-mode AD) cannot differentiate this model: {exc}; "
+                "use engine='double_backward' (reverse-over-reverse, Hessian products)"
+            ) from exc
         return [out[name] for name in self.layout.names]
 
 

@@ -2,7 +2,12 @@
 
 Supported: ``nn.Sequential`` (nested allowed) of Linear, Conv2d, ReLU, LeakyReLU, Tanh,
 Sigmoid, GELU, SiLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, eval-mode
-BatchNorm1d/2d, Dropout (eval) and Identity, under cross-entropy or MSE loss.
+BatchNorm1d/2d, Dropout (eval) and Identity, under cross-entropy or MSE loss. The rules
+compute what those classes' forwards compute and never call the modules, so a model is
+refused (and ``engine="auto"`` takes an exact engine) when anything could change that
+computation unseen: forward hooks or pre-hooks (on a module or global), a subclass's or an
+instance's own ``forward`` (containers included), or parameters other than the class's
+``weight`` and ``bias`` (a reparametrized weight).
 
 When the operator is made, the primal forward and backward run once and every rule keeps
 what its tangent passes need (inputs, pre-activations, output gradients). A product of a
@@ -20,7 +25,11 @@ import torch
 from torch import nn
 
 from imc_kernels.hvp._common import ParamLayout, check_targets
-from imc_kernels.hvp.layers.activation import ActivationRule, activation_kind
+from imc_kernels.hvp.layers.activation import (
+    ACTIVATION_CLASSES,
+    ActivationRule,
+    activation_kind,
+)
 from imc_kernels.hvp.layers.base import LayerRule, Workspace, unsupported
 from imc_kernels.hvp.layers.batchnorm import BatchNormRule, batchnorm_unsupported_reason
 from imc_kernels.hvp.layers.conv2d import Conv2dRule, conv2d_unsupported_reason
@@ -43,8 +52,31 @@ _SIMPLE_RULES: dict[type, type[LayerRule]] = {
 }
 
 
-def leaf_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules of a (nested) ``nn.Sequential`` in execution order.
+# Classes whose rule also serves their subclasses (when those keep the class's computation,
+# see _custom_code_reason); the _SIMPLE_RULES classes take their rule by exact type only.
+_RULE_BASES = (nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, *ACTIVATION_CLASSES)
+
+# The methods through which a subclass or an instance changes what a rule's class computes:
+# Conv2d.forward calls self._conv_forward. (BatchNorm's _check_input_dim only checks.)
+_COMPUTING_METHODS: dict[type, tuple[str, ...]] = {nn.Conv2d: ("forward", "_conv_forward")}
+
+# Forward hooks, on one module or on every module (torch.nn.modules.module.
+# register_module_forward_hook and its pre-hook twin), change the function whose Hessian is
+# taken, and the rules never run the modules' forwards: such models go to an exact engine.
+# Backward hooks change no forward value, so the Hessian of the loss is the same with them.
+_GLOBAL_HOOKS = {
+    "_global_forward_pre_hooks": "forward pre-hooks",
+    "_global_forward_hooks": "forward hooks",
+}
+_MODULE_HOOKS = {"_forward_pre_hooks": "a forward pre-hook", "_forward_hooks": "a forward hook"}
+
+
+def sequential_parts(
+    model: nn.Module, prefix: str = ""
+) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
+    """``(containers, leaves)`` of a (nested) ``nn.Sequential``, each a list of
+    ``(name, module)`` (``""`` names the model): the Sequentials, ``model`` first, and the
+    modules they run, in execution order (a module used twice is listed twice).
 
     Raises:
         ValueError: ``model`` is not a Sequential (the walker follows no other control flow).
@@ -54,23 +86,111 @@ def leaf_modules(model: nn.Module) -> list[nn.Module]:
             f"the fused engine walks nn.Sequential models; {type(model).__name__} has its own "
             "forward (use engine='func')"
         )
-    leaves = []
-    for child in model:
-        leaves.extend(leaf_modules(child) if isinstance(child, nn.Sequential) else [child])
-    return leaves
+    containers, leaves = [(prefix, model)], []
+    # _modules, as Sequential.forward iterates: named_children() would drop a repeated module.
+    for name, child in model._modules.items():
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, nn.Sequential):
+            inner_containers, inner_leaves = sequential_parts(child, path)
+            containers.extend(inner_containers)
+            leaves.extend(inner_leaves)
+        else:
+            leaves.append((path, child))
+    return containers, leaves
+
+
+def leaf_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of a (nested) ``nn.Sequential`` in execution order.
+
+    Raises:
+        ValueError: ``model`` is not a Sequential (the walker follows no other control flow).
+    """
+    return [module for _, module in sequential_parts(model)[1]]
+
+
+def _rule_class(module: nn.Module) -> type | None:
+    """The class whose computation ``module``'s rule reproduces, or None (no rule)."""
+    if type(module) in _SIMPLE_RULES:
+        return type(module)
+    return next((c for c in type(module).__mro__ if c in _RULE_BASES), None)
+
+
+def _custom_code_reason(module: nn.Module, base: type) -> str | None:
+    """Why ``module`` may compute something else than ``base``'s forward, or None.
+
+    A rule reproduces ``base``'s forward and never calls the module: hooks, a subclass's own
+    forward or one set on the instance would be skipped silently, so they rule it out.
+    """
+    hooks = [kind for attr, kind in _MODULE_HOOKS.items() if getattr(module, attr, None)]
+    if hooks:
+        return f"has {' and '.join(hooks)}, which the fused rules would skip"
+    for method in _COMPUTING_METHODS.get(base, ("forward",)):
+        if method in vars(module):
+            return f"{method} replaced on the instance, the fused rules compute {base.__name__}'s"
+        if getattr(type(module), method) is not getattr(base, method):
+            return f"overrides {base.__name__}.{method}, the fused rules compute {base.__name__}'s"
+    return None
+
+
+def _parameter_reason(module: nn.Module) -> str | None:
+    """Why ``module``'s parameters are not the ones its rule reads, or None.
+
+    Rules read ``module.weight`` and ``module.bias`` and pair their tangents with
+    ``module.parameters(recurse=False)`` in that order: a reparametrized weight (old-style
+    ``nn.utils.weight_norm``: ``weight_g``, ``weight_v``; ``nn.utils.parametrize``: a
+    submodule) would get a wrong or mis-shaped tangent.
+    """
+    children = list(module._modules)
+    if children:
+        return f"has submodules {children} (a parametrization?) that the fused rules do not see"
+    names = [name for name, _ in module.named_parameters(recurse=False)]
+    expected = [name for name in ("weight", "bias") if getattr(module, name, None) is not None]
+    if names != expected:
+        return (
+            f"parameters {names} where the fused rule expects {expected} (a reparametrized "
+            "weight, such as the old nn.utils.weight_norm?)"
+        )
+    return None
 
 
 def module_unsupported_reason(module: nn.Module) -> str | None:
     """None when the fused engine has a rule for ``module``, else why not."""
+    base = _rule_class(module)
+    if base is None:
+        return unsupported(module, "no fused rule")
+    reasons = [r for r in (_custom_code_reason(module, base), _parameter_reason(module)) if r]
+    if reasons:
+        return unsupported(module, "; ".join(reasons))
     if isinstance(module, nn.Conv2d):
         return conv2d_unsupported_reason(module)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         return batchnorm_unsupported_reason(module)
-    if activation_kind(module) is not None:
+    return None
+
+
+def container_unsupported_reason(container: nn.Module) -> str | None:
+    """None when the walker may stand in for ``container``'s forward (a plain Sequential
+    with no hooks and no parameters of its own), else why not."""
+    reason = _custom_code_reason(container, nn.Sequential)
+    if reason:
+        return unsupported(container, reason)
+    own = list(container._parameters)
+    if own:
+        return unsupported(container, f"parameters {own} of its own, used by its own code")
+    return None
+
+
+def global_hooks_reason() -> str | None:
+    """Why hooks registered for every module rule the fused engine out, or None."""
+    from torch.nn.modules import module as torch_module
+
+    kinds = [kind for attr, kind in _GLOBAL_HOOKS.items() if getattr(torch_module, attr, None)]
+    if not kinds:
         return None
-    if type(module) in _SIMPLE_RULES:
-        return None
-    return unsupported(module, "no fused rule")
+    return (
+        f"global module {' and '.join(kinds)} (torch.nn.modules.module."
+        "register_module_*_hook), which the fused rules would skip"
+    )
 
 
 def fused_unsupported_reason(
@@ -86,15 +206,31 @@ def fused_unsupported_reason(
     if not isinstance(inputs, torch.Tensor):
         return "inputs other than a single tensor"
     try:
-        leaves = leaf_modules(model)
+        containers, leaves = sequential_parts(model)
     except ValueError as exc:
         return str(exc)
-    reasons = [r for r in map(module_unsupported_reason, leaves) if r]
+    reason = global_hooks_reason()
+    if reason:
+        return reason
+    checks = ((container_unsupported_reason, containers), (module_unsupported_reason, leaves))
+    reasons = [
+        _located(found, name)
+        for check, parts in checks
+        for name, module in parts
+        if (found := check(module))
+    ]
     if reasons:
-        return "unsupported modules: " + ", ".join(reasons)
+        return "unsupported modules: " + ", ".join(dict.fromkeys(reasons))
     if output_shape is None:
         return None
     return loss_unsupported_reason(loss_fn, tuple(output_shape), targets)
+
+
+def _located(reason: str, name: str) -> str:
+    """``reason`` (``"Type (why)"``) with where the module sits: ``"Type '0.2' (why)"``."""
+    kind, _, why = reason.partition(" ")
+    where = f"{name!r}" if name else "(the model)"
+    return f"{kind} {where} {why}"
 
 
 # Monotone non-decreasing activations commute with max pooling: maxpool(act(z)) equals

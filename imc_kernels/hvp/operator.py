@@ -16,10 +16,13 @@ from imc_kernels.hvp._common import (
     MODES,
     ParamLayout,
     call_model,
+    check_batch_not_empty,
     check_block,
     check_finite_loss,
     check_finite_product,
+    check_loss,
     check_targets,
+    prepare_targets,
     resolve_loss,
     stochastic_modules,
     strict_fp32,
@@ -80,12 +83,21 @@ class FlatParameterOperator:
         return self.layout.unflatten(vector)
 
     def to_scipy(self):
-        """A ``scipy.sparse.linalg.LinearOperator`` (NumPy in, NumPy out, float64)."""
+        """A ``scipy.sparse.linalg.LinearOperator`` (NumPy in, NumPy out, float64).
+
+        Its products raise TypeError for complex input: the operator is real, and casting
+        would drop the imaginary part (apply it to ``x.real`` and ``x.imag`` separately).
+        """
         import numpy as np
         from scipy.sparse.linalg import LinearOperator
 
         def apply(x):
             x = np.asarray(x)
+            if np.iscomplexobj(x):
+                raise TypeError(
+                    f"the operator is real and takes real vectors, got {x.dtype}; apply it to "
+                    "x.real and x.imag separately (H x = H x.real + 1j H x.imag)"
+                )
             block = torch.as_tensor(x.reshape(self.dim, -1), dtype=self.dtype, device=self.device)
             out = self.matmat(block).to(torch.float64).cpu().numpy()
             return out.reshape(x.shape)
@@ -111,13 +123,17 @@ class HessianOperator(FlatParameterOperator):
         model: the network; its parameters define the Hessian's coordinates.
         loss_fn: ``loss_fn(output, targets) -> scalar``; None means cross-entropy for integer
             targets and MSE for float targets.
-        batch: ``(inputs, targets)`` on the model's device.
+        batch: ``(inputs, targets)`` on the model's device, at least one sample. Integer
+            class indices of cross-entropy narrower than int64 are cast to int64 (what
+            ``F.cross_entropy`` takes), the same for every engine.
         curvature: ``"hessian"`` or ``"ggn"`` (``J^T H_loss J``, positive semi-definite when
             the loss is convex in the output).
         engine: ``"fused"`` (per-layer rules, block GEMMs, fused kernels), ``"func"``
             (``torch.func`` forward-over-reverse, any model), ``"double_backward"``
             (reverse-over-reverse, Hessian only), or ``"auto"``: fused when every module and
-            the loss are supported, else func. ``engine_reason`` says why.
+            the loss are supported, else func. ``engine_reason`` says why. Models with
+            forward hooks, subclasses with their own ``forward`` or reparametrized weights
+            are not supported by fused (its rules would skip that code).
         mode: ``"eval"`` (default) evaluates the model in eval mode (dropout off, BatchNorm
             running statistics) and restores its mode afterwards; ``"train"`` keeps train
             mode, where products are neither deterministic (dropout) nor row-separable
@@ -134,10 +150,14 @@ class HessianOperator(FlatParameterOperator):
             product until :meth:`reset_graphs`.
 
     Raises:
-        ValueError: bad arguments, a batch that does not fit the model, targets out of range,
-            ``cuda_graph=True`` on a CPU model, with another engine, or in train mode with
-            Dropout/BatchNorm.
-        TypeError: tensors of the wrong type, dtype or device.
+        ValueError: bad arguments, a batch that does not fit the model, an empty batch,
+            cross-entropy targets out of range, of the wrong shape or all ``ignore_index``,
+            a ``loss_fn`` that does not return a scalar, ``engine="fused"`` on a model it
+            cannot run exactly (hooks, custom forwards, reparametrized weights: the message
+            names the module), ``cuda_graph=True`` on a CPU model, with another engine, or
+            in train mode with Dropout/BatchNorm.
+        TypeError: tensors of the wrong type, dtype or device; a model that does not return
+            one tensor.
         FloatingPointError: the loss is not finite.
 
     Example:
@@ -180,8 +200,10 @@ class HessianOperator(FlatParameterOperator):
             reason = cuda_graph_unsupported_reason(self.layout.device, engine, mode, model)
             if reason:
                 raise ValueError(f"cuda_graph=True: {reason}")
-        self.inputs, self.targets = unpack_batch(batch, self.layout)
-        self.loss_fn = resolve_loss(loss_fn, self.targets)
+        self.inputs, targets = unpack_batch(batch, self.layout)
+        check_batch_not_empty(targets)
+        self.loss_fn = resolve_loss(loss_fn, targets)
+        self.targets = prepare_targets(self.loss_fn, targets)
         self.curvature = curvature
         self.mode = mode
         self.check_finite = check_finite
@@ -200,7 +222,9 @@ class HessianOperator(FlatParameterOperator):
             else:
                 output = self._primal_output()
                 check_targets(output, self.targets, self.loss_fn)
-                self.loss = self.loss_fn(output, self.targets).detach()
+                loss = self.loss_fn(output, self.targets)
+                check_loss(loss)
+                self.loss = loss.detach()
                 check_finite_loss(self.loss)
                 self.engine, self.engine_reason = self._choose_engine(engine, output.shape)
                 self._engine = _ENGINES[self.engine](

@@ -48,6 +48,7 @@ since rank loss tends to recur.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -231,6 +232,21 @@ def _rotate_in_place(view: torch.Tensor, s: torch.Tensor, *, gram: bool) -> torc
     return total
 
 
+def check_seed(seed) -> int:
+    """``seed`` as an int for ``torch.Generator.manual_seed``.
+
+    Raises:
+        TypeError: not an integer (torch refuses a string, and a float would be truncated).
+        ValueError: outside ``[-2**63, 2**64)``, what a generator's seed holds.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {seed!r} ({type(seed).__name__})")
+    seed = int(seed)
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must lie in [-2**63, 2**64), got {seed}")
+    return seed
+
+
 class _Operator:
     """Uniform ``(dim, b) -> (dim, b)`` block product over the accepted operator types."""
 
@@ -241,6 +257,13 @@ class _Operator:
             if operator.dim() != 2 or tuple(operator.shape) != (dim, dim):
                 raise ValueError(
                     f"a matrix operator must be {dim} x {dim}, got shape {tuple(operator.shape)}"
+                )
+            if not operator.dtype.is_floating_point:
+                # Blocks are applied in the matrix's dtype: an integer matrix would truncate
+                # every basis vector (to zeros) and a complex one lose its imaginary part.
+                raise TypeError(
+                    "a matrix operator must have a floating dtype, float32 or float64 (got "
+                    f"{operator.dtype}); convert it with .float() or .double()"
                 )
             op_dtype, op_device = operator.dtype, operator.device
             if operator.layout == torch.sparse_coo:
@@ -1205,7 +1228,8 @@ def block_lanczos(
     Raises:
         ValueError: ``k <= 0``, ``k >= dim``, an unknown ``which``, ``tol`` not in (0, 1),
             a bad ``block_size``/``basis_size``/``max_matvecs``, or a non-symmetric operator.
-        TypeError: an unsupported operator or dtype.
+        TypeError: an unsupported operator or dtype (a matrix that is not floating point),
+            a seed that is not an int.
         FloatingPointError: the operator produced NaN or inf (the message names the restart
             cycle and the block).
         MemoryError: the basis (or, when ``dim`` is not larger than the basis, the dense
@@ -1243,6 +1267,7 @@ def block_lanczos(
             f"orthogonalization must be one of {', '.join(ORTHOGONALIZATION)}, "
             f"got {orthogonalization!r}"
         )
+    seed = check_seed(seed)
     op = _Operator(matmat, dim, dtype, device)
     b = default_block_size(k, op.device) if block_size is None else block_size
     if basis_size is None:

@@ -18,6 +18,7 @@ against the probe's own basis (memory ``dim * n_probes * steps``), as a check.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imc_kernels.linalg.block_lanczos import _Operator
+from imc_kernels.linalg.block_lanczos import _Operator, check_seed
 from imc_kernels.linalg.orthogonalize import project_out, xty
 
 PROBES = ("rademacher", "gaussian")
@@ -98,6 +99,8 @@ def slq(
 
     Raises:
         ValueError: non-positive ``n_probes`` or ``steps``, an unknown probe kind.
+        TypeError: an unsupported operator or dtype (a matrix that is not floating point),
+            a seed that is not an int.
         FloatingPointError: the operator produced NaN or inf (the message names the step).
 
     Example:
@@ -114,6 +117,7 @@ def slq(
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if probes not in PROBES:
         raise ValueError(f"probes must be one of {', '.join(PROBES)}, got {probes!r}")
+    seed = check_seed(seed)
     op = _Operator(matmat, dim, dtype, device)
     dtype, device = op.dtype, op.device
     n_steps = min(steps, dim)
@@ -208,6 +212,52 @@ def _as_float64(x) -> torch.Tensor:
     )
 
 
+def _real_values(values, name: str) -> torch.Tensor:
+    """``values`` (a number, sequence, array or tensor of real numbers) as float64 on the
+    CPU.
+
+    Raises:
+        TypeError: anything else (strings, complex numbers, objects).
+        ValueError: a NaN.
+    """
+    given = values
+    if isinstance(values, torch.Tensor):
+        ok = not values.is_complex() and values.dtype != torch.bool
+    else:
+        try:
+            values = np.asarray(values)
+        except (TypeError, ValueError) as exc:  # ragged sequences
+            raise TypeError(f"{name} must be a real number or an array of them: {exc}") from exc
+        ok = values.dtype.kind in "iuf"
+    if not ok:
+        shown = repr(given) if len(repr(given)) <= 80 else f"a {type(given).__name__}"
+        raise TypeError(
+            f"{name} must be a real number or an array of real numbers, got {shown}"
+            f" of dtype {values.dtype}"
+        )
+    values = _as_float64(values)
+    if bool(values.isnan().any()):
+        raise ValueError(f"{name} must not hold NaN")
+    return values
+
+
+def _check_sigma(sigma) -> float:
+    """``sigma`` as a float.
+
+    Raises:
+        TypeError: not a real number. ValueError: not positive and finite (an infinite
+            width makes every density value 0/inf, NaN).
+    """
+    if isinstance(sigma, torch.Tensor) and sigma.numel() == 1 and not sigma.is_complex():
+        sigma = sigma.item()
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
+        raise TypeError(f"sigma must be a positive real number, got {sigma!r}")
+    sigma = float(sigma)
+    if not (sigma > 0 and math.isfinite(sigma)):
+        raise ValueError(f"sigma must be positive and finite, got {sigma}")
+    return sigma
+
+
 def default_sigma(nodes: torch.Tensor, weights: torch.Tensor) -> float:
     """Gaussian width: 1 % of the range of the weighted nodes (a 1e-3 floor if it is empty).
 
@@ -248,6 +298,12 @@ def density_on_grid(
         ``(grid, density, cdf)`` float64: the cdf is the cumulative trapezoid of the density,
         normalized to end at 1.
 
+    Raises:
+        ValueError: ``sigma`` not a positive finite number, ``n_grid`` below 2, or a
+            ``grid`` that is empty, holds NaN or inf, or is not sorted ascending (the cdf
+            integrates along it).
+        TypeError: a ``grid`` or ``sigma`` that is not real numbers.
+
     Example:
         >>> nodes, weights = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.5]])
         >>> grid, dens, cdf = density_on_grid(nodes, weights)
@@ -259,15 +315,24 @@ def density_on_grid(
         nodes, weights = nodes[None], weights[None]
     if nodes.shape != weights.shape:
         raise ValueError(f"nodes {tuple(nodes.shape)} and weights {tuple(weights.shape)} differ")
-    sigma = default_sigma(nodes, weights) if sigma is None else float(sigma)
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
+    sigma = default_sigma(nodes, weights) if sigma is None else _check_sigma(sigma)
     if grid is None:
+        if isinstance(n_grid, bool) or not isinstance(n_grid, int) or n_grid < 2:
+            raise ValueError(f"n_grid must be an integer >= 2, got {n_grid!r}")
         used = nodes[weights > 0]
         lo, hi = (float(used.min()), float(used.max())) if used.numel() else (0.0, 0.0)
         grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, n_grid, dtype=torch.float64)
     else:
-        grid = _as_float64(grid).flatten()
+        grid = _real_values(grid, "grid").flatten()
+        if grid.numel() == 0:
+            raise ValueError("grid is empty; give at least one point (or grid=None)")
+        if not bool(torch.isfinite(grid).all()):
+            raise ValueError("grid must hold finite points, got inf")
+        if bool((grid.diff() < 0).any()):
+            raise ValueError(
+                "grid must be sorted ascending (the cdf integrates along it); sort it first, "
+                "e.g. torch.sort(grid).values"
+            )
     flat_nodes = nodes.flatten()
     flat_weights = weights.flatten() / nodes.shape[0]
     density = torch.zeros_like(grid)
@@ -307,17 +372,23 @@ def cumulative_count(
 
     Returns:
         float64 tensor shaped like ``x``.
+
+    Raises:
+        TypeError: ``x`` or ``sigma`` is not real numbers.
+        ValueError: ``x`` holds NaN, or ``sigma`` is not a positive finite number.
     """
     nodes, weights = _as_float64(nodes), _as_float64(weights)
     if nodes.dim() == 1:
         nodes, weights = nodes[None], weights[None]
-    x = _as_float64(x)
+    x = _real_values(x, "x")
+    if sigma is not None:
+        sigma = _check_sigma(sigma)
     flat_nodes = nodes.flatten()
     flat_weights = weights.flatten() / nodes.shape[0]
     diff = x.reshape(-1, 1) - flat_nodes[None, :]
     if sigma is None:
         below = (diff >= 0).to(torch.float64)
     else:
-        below = 0.5 * (1.0 + torch.erf(diff / (float(sigma) * math.sqrt(2.0))))
+        below = 0.5 * (1.0 + torch.erf(diff / (sigma * math.sqrt(2.0))))
     fraction = (below @ flat_weights).reshape(x.shape)
     return fraction * dim if dim is not None else fraction

@@ -75,10 +75,81 @@ def test_non_finite_loss(where):
         HessianOperator(model, None, (x, y))
 
 
-def test_cross_entropy_all_rows_ignored():
+@pytest.mark.parametrize("engine", ("auto", *ENGINES))
+def test_cross_entropy_all_rows_ignored(engine):
+    """The mean over no rows is NaN; the message says why instead of 'loss is not finite'."""
     model, (x, y) = _problem()
-    with pytest.raises(FloatingPointError, match="loss is not finite"):
-        HessianOperator(model, None, (x, torch.full_like(y, -100)))
+    with pytest.raises(ValueError, match=r"every target is ignore_index \(-100\)"):
+        HessianOperator(model, None, (x, torch.full_like(y, -100)), engine=engine)
+    with pytest.raises(ValueError, match=r"every target is ignore_index \(3\)"):
+        HessianOperator(model, nn.CrossEntropyLoss(ignore_index=3), (x, torch.full_like(y, 3)))
+    # A sum over no rows is 0, and so is its Hessian: well defined.
+    op = HessianOperator(model, nn.CrossEntropyLoss(reduction="sum"), (x, torch.full_like(y, -100)))
+    assert float(op.loss) == 0.0
+    assert torch.equal(op @ torch.ones(op.dim), torch.zeros(op.dim))
+
+
+@pytest.mark.parametrize("engine", ("auto", *ENGINES))
+def test_empty_batch(engine):
+    model, (x, y) = _problem()
+    with pytest.raises(ValueError, match=r"the batch is empty \(0 samples\)"):
+        HessianOperator(model, None, (x[:0], y[:0]), engine=engine)
+
+
+@pytest.mark.parametrize("engine", ("auto", *ENGINES))
+def test_cross_entropy_targets_of_the_wrong_shape(engine):
+    """(N, 1) class indices: torch's 'multi-target not supported' before."""
+    model, (x, y) = _problem()
+    with pytest.raises(ValueError, match=r"targets must have shape \(6,\).*got \(6, 1\)"):
+        HessianOperator(model, None, (x, y[:, None]), engine=engine)
+
+
+@pytest.mark.parametrize("engine", ("auto", *ENGINES))
+def test_cross_entropy_needs_one_score_per_class(engine):
+    """A squeezed (N,) output: torch's 'Expected floating point type for target with class
+    probabilities' before."""
+    model = nn.Sequential(nn.Linear(5, 1), nn.Flatten(0))
+    x, y = _problem()[1]
+    with pytest.raises(ValueError, match=r"outputs of shape \(N, C\).*got shape \(6,\)"):
+        HessianOperator(model, None, (x, torch.zeros_like(y)), engine=engine)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_narrow_integer_class_indices(engine, dtype):
+    """int32 targets ran on the fused engine but failed in F.cross_entropy (func and
+    double_backward): every engine now takes them, as int64, with the same products."""
+    model, (x, y) = _problem()
+    op = HessianOperator(model, None, (x, y.to(dtype)), engine=engine)
+    assert op.targets.dtype == torch.int64 and torch.equal(op.targets, y)
+    want = HessianOperator(model, None, (x, y), engine=engine)
+    v = torch.linspace(-1, 1, op.dim)
+    torch.testing.assert_close(op @ v, want @ v, rtol=0, atol=0)
+
+
+def test_loss_fn_must_return_a_scalar():
+    model, batch = _problem()
+    with pytest.raises(ValueError, match=r"scalar \(a 0-dim tensor\), got shape \(6,\).*'sum'"):
+        HessianOperator(model, nn.CrossEntropyLoss(reduction="none"), batch)
+    with pytest.raises(TypeError, match="loss_fn must return a tensor, got float"):
+        HessianOperator(model, lambda out, t: 1.0, batch)
+
+
+class _TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.fc(x), x
+
+
+@pytest.mark.parametrize("engine", ("auto", *ENGINES))
+def test_model_must_return_one_tensor(engine):
+    """A tuple output: an AttributeError from inside the target checks before."""
+    _, batch = _problem()
+    with pytest.raises(TypeError, match="the model must return one tensor, got tuple"):
+        HessianOperator(_TwoOutputs(), None, batch, engine=engine)
 
 
 @pytest.mark.parametrize("bad", [4, 9, -1, -7])

@@ -9,6 +9,8 @@ symmetry and linearity 1e-5 (the fp32 rounding of two separate products, as for 
 from __future__ import annotations
 
 import copy
+import re
+import warnings
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from torch import nn
 
 import imc_kernels
 from imc_kernels import HessianOperator
+from imc_kernels.hvp.double_backward import weight_norm_second_derivative_is_right
 
 ENGINE_CURVATURES = [
     ("fused", "hessian"),
@@ -183,17 +186,22 @@ def test_auto_picks_fused_for_supported_sequential(oracles):
 
 
 @pytest.mark.parametrize("engine", ["auto", "fused", "func"])
-def test_fused_engine_runs_the_model_forward_once(oracles, engine):
+def test_fused_engine_runs_the_model_forward_once(oracles, engine, monkeypatch):
     """With the fused engine the operator's checks read the engine's own primal forward: the
     module's forward never runs (it did, a second time, before), and the loss is the model's
     loss to fp32 rounding. Other engines still run it."""
     model, loss_fn, batch = oracles.build_case("mlp_gelu")
     calls = []
-    handle = model.register_forward_hook(lambda *args: calls.append(1))
-    try:
-        op = HessianOperator(model, loss_fn, batch, engine=engine)
-    finally:
-        handle.remove()
+    sequential_forward = nn.Sequential.forward
+
+    def counted_forward(self, *args):
+        calls.append(1)
+        return sequential_forward(self, *args)
+
+    # Counted through the class, not a forward hook: the fused engine refuses hooked models.
+    monkeypatch.setattr(nn.Sequential, "forward", counted_forward)
+    op = HessianOperator(model, loss_fn, batch, engine=engine)
+    monkeypatch.undo()
     with torch.no_grad():
         want = loss_fn(model(batch[0]), batch[1])
     assert (len(calls) == 0) == (op.engine == "fused")
@@ -225,6 +233,171 @@ def test_fused_refuses_unsupported_models(kind):
     model, loss_fn, batch = _fallback_problem(kind)
     with pytest.raises(ValueError, match=f"engine='fused'.*{FALLBACKS[kind]}"):
         HessianOperator(model, loss_fn, batch, engine="fused")
+
+
+class ScaledSequential(nn.Sequential):
+    """A Sequential subclass with its own forward: the walker would skip the scaling."""
+
+    def forward(self, x):
+        return super().forward(3.0 * x) ** 2
+
+
+class SquareTanh(nn.Tanh):
+    """A Tanh subclass computing something else: the Tanh rule would be wrong."""
+
+    def forward(self, x):
+        return x * x
+
+
+def _custom_code_problem(kind):
+    """``(model, loss_fn, batch, cleanup)``: a Sequential of supported layer types whose
+    forward differs from what the fused rules compute; ``cleanup()`` removes global hooks."""
+    gen = torch.Generator().manual_seed(61)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(61)
+        layers = [nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3)]
+        if kind == "sequential_subclass":
+            model = ScaledSequential(*layers)
+        else:
+            if kind == "activation_subclass":
+                layers[1] = SquareTanh()
+            model = nn.Sequential(*layers)
+    batch = (torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+    handle = None
+    if kind == "forward_hook":
+        handle = model[0].register_forward_hook(lambda module, args, out: 2.0 * out)
+    elif kind == "forward_pre_hook":
+        handle = model.register_forward_pre_hook(lambda module, args: (0.5 * args[0],))
+    elif kind == "instance_forward":
+        model[1].forward = torch.sin
+    elif kind == "global_forward_hook":
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda module, args, out: 2.0 * out if isinstance(module, nn.Tanh) else None
+        )
+    elif kind == "global_forward_pre_hook":
+        handle = nn.modules.module.register_module_forward_pre_hook(
+            lambda module, args: (0.5 * args[0],) if isinstance(module, nn.Linear) else None
+        )
+    cleanup = handle.remove if handle is not None else lambda: None
+    return model, nn.CrossEntropyLoss(), batch, cleanup
+
+
+# The model code the fused rules would skip, and what the engine reason names.
+CUSTOM_CODE = {
+    "sequential_subclass": r"ScaledSequential \(the model\) \(overrides Sequential.forward",
+    "activation_subclass": r"SquareTanh '1' \(overrides Tanh.forward",
+    "instance_forward": r"Tanh '1' \(forward replaced on the instance",
+    "forward_hook": r"Linear '0' \(has a forward hook",
+    "forward_pre_hook": r"Sequential \(the model\) \(has a forward pre-hook",
+    "global_forward_hook": r"global module forward hooks",
+    "global_forward_pre_hook": r"global module forward pre-hooks",
+}
+
+
+@pytest.mark.parametrize("kind", list(CUSTOM_CODE))
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_auto_runs_custom_forward_code_exactly(oracles, kind, curvature):
+    """Hooks and forwards of their own change the function: engine='auto' must not pick the
+    fused rules, which skip them (they did, 30-150 % off), and the products must be the
+    Hessian of what the model computes."""
+    model, loss_fn, batch, cleanup = _custom_code_problem(kind)
+    try:
+        reference = oracles.dense(curvature, model, loss_fn, batch)
+        op = HessianOperator(model, loss_fn, batch, curvature=curvature)
+        assert op.engine == "func"
+        assert re.search(CUSTOM_CODE[kind], op.engine_reason), op.engine_reason
+        block = oracles.random_block(op.dim, 3, seed=67)
+        assert oracles.rel_err(op @ block, reference @ block.double()) <= 1e-5
+    finally:
+        cleanup()
+
+
+@pytest.mark.parametrize("kind", list(CUSTOM_CODE))
+def test_fused_refuses_custom_forward_code(kind):
+    model, loss_fn, batch, cleanup = _custom_code_problem(kind)
+    try:
+        with pytest.raises(ValueError, match="engine='fused' cannot run.*" + CUSTOM_CODE[kind]):
+            HessianOperator(model, loss_fn, batch, engine="fused")
+    finally:
+        cleanup()
+
+
+def test_subclass_keeping_the_forward_stays_fused(oracles):
+    """A subclass that only adds attributes or methods computes what its base computes."""
+
+    class NamedTanh(nn.Tanh):
+        def describe(self):
+            return "tanh"
+
+    model, loss_fn, batch, _ = _custom_code_problem("plain")
+    model[1] = NamedTanh()
+    reference = oracles.dense("hessian", model, loss_fn, batch)
+    op = HessianOperator(model, loss_fn, batch)
+    assert op.engine == "fused", op.engine_reason
+    block = oracles.random_block(op.dim, 2, seed=71)
+    assert oracles.rel_err(op @ block, reference @ block.double()) <= 1e-5
+
+
+def _reparametrized_problem(kind):
+    model, loss_fn, batch, _ = _custom_code_problem("plain")
+    if kind == "weight_norm":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated for parametrizations
+            model[0] = nn.utils.weight_norm(model[0])
+    else:  # the same parameters, registered in the order (bias, weight)
+        weight = model[0].weight
+        del model[0].weight
+        model[0].register_parameter("weight", weight)
+    return model, loss_fn, batch
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "reordered"])
+def test_reparametrized_weights_are_not_fused(oracles, kind):
+    """Old-style weight_norm (weight_g, weight_v) crashed the fused Linear rule with a
+    reshape error, and so did parameters out of the (weight, bias) order the rules pair
+    tangents with; auto now takes an exact engine."""
+    model, loss_fn, batch = _reparametrized_problem(kind)
+    names = ["bias", "weight_g", "weight_v"] if kind == "weight_norm" else ["bias", "weight"]
+    with pytest.raises(ValueError, match=re.escape("Linear '0' ") + ".*" + re.escape(str(names))):
+        HessianOperator(model, loss_fn, batch, engine="fused")
+    if kind == "weight_norm" and not weight_norm_second_derivative_is_right():
+        # No engine is exact: forward-mode AD has no rule for weight_norm's kernel, and
+        # torch's double backward of it fails gradgradcheck (a silently wrong Hessian).
+        for engine in ("auto", "func", "double_backward"):
+            with pytest.raises(NotImplementedError, match=r"weight norm on 0\.weight.*fold"):
+                HessianOperator(model, loss_fn, batch, engine=engine)
+        return
+    op = HessianOperator(model, loss_fn, batch)
+    assert op.engine == "func" and str(names) in op.engine_reason
+    block = oracles.random_block(op.dim, 3, seed=73)
+    reference = oracles.dense("hessian", model, loss_fn, batch)
+    assert oracles.rel_err(op @ block, reference @ block.double()) <= 1e-5
+
+
+def test_weight_norm_second_derivative_check():
+    """The check behind the refusal above: torch 2.13's torch._weight_norm fails
+    gradgradcheck (an analytic second derivative that disagrees with finite differences),
+    while the same function written out passes it."""
+    v = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 1, dtype=torch.float64, requires_grad=True)
+
+    def written_out(v, g):
+        return v * (g / v.norm(dim=1, keepdim=True))
+
+    assert torch.autograd.gradgradcheck(written_out, (v, g))
+    kernel = torch.autograd.gradgradcheck(
+        lambda v, g: torch._weight_norm(v, g, 0), (v, g), raise_exception=False
+    )
+    assert weight_norm_second_derivative_is_right() == kernel
+
+
+def test_new_style_weight_norm_is_refused_too():
+    model, loss_fn, batch, _ = _custom_code_problem("plain")
+    nn.utils.parametrizations.weight_norm(model[2])
+    if weight_norm_second_derivative_is_right():
+        pytest.skip("this torch differentiates weight norm twice correctly")
+    with pytest.raises(NotImplementedError, match=r"weight norm on 2\.weight"):
+        HessianOperator(model, loss_fn, batch, engine="double_backward")
 
 
 # ------------------------------------------------------------ frozen and shared parameters
@@ -392,6 +565,19 @@ def test_to_scipy(oracles):
     np.testing.assert_array_equal(lin.matmat(x), (op @ block).double().numpy())
     np.testing.assert_array_equal(lin @ x, (op @ block).double().numpy())
     np.testing.assert_array_equal(lin.rmatvec(x[:, 0]), lin.matvec(x[:, 0]))  # symmetric
+
+
+def test_to_scipy_refuses_complex_vectors(oracles):
+    """The operator is real: casting a complex vector dropped its imaginary part silently."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("scipy")
+    op = _operator(oracles, "mlp_gelu")
+    lin = op.to_scipy()
+    vector = np.ones(op.dim) * (1 + 1j)
+    with pytest.raises(TypeError, match="real vectors, got complex128.*x.real and x.imag"):
+        lin.matvec(vector)
+    with pytest.raises(TypeError, match="complex"):
+        lin.matmat(np.stack([vector, vector], axis=1))
 
 
 def test_one_call_hvp(oracles):

@@ -14,6 +14,7 @@ Tolerances (errors measured relative to ||H||, the scale the solver's tol uses):
 
 import importlib
 import math
+import re
 
 import pytest
 import torch
@@ -396,6 +397,30 @@ def test_bad_operator_types_and_shapes(problem):
         block_lanczos(42, DIM, 3)
     with pytest.raises(ValueError, match="dim must be"):
         block_lanczos(matrix, 1, 1)
+
+
+@pytest.mark.parametrize("dim", [DIM, 20], ids=["krylov", "direct"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex128])
+def test_matrix_operator_must_be_floating_point(dim, dtype):
+    """An integer matrix applied in its own dtype truncated every unit-norm basis vector to
+    zeros: the eigenvalues of diag(0..99) came back as [0, 0]."""
+    matrix = torch.diag(torch.arange(dim)).to(dtype)
+    message = rf"floating dtype, float32 or float64 \(got {dtype}\).*\.float\(\) or \.double"
+    with pytest.raises(TypeError, match=message):
+        block_lanczos(matrix, dim, 2)
+    if dtype in (torch.int64, torch.int32):  # small integers convert exactly
+        res = block_lanczos(matrix.double(), dim, 2, tol=1e-10)
+        assert res.eigenvalues.tolist() == pytest.approx([dim - 1.0, dim - 2.0], rel=1e-8)
+
+
+@pytest.mark.parametrize("seed", ["a", 1.5, 1.0, None, True], ids=repr)
+def test_seed_must_be_an_int(problem, seed):
+    """torch refused a string or a float with 'manual_seed expected a long'."""
+    matrix, _, _ = problem
+    with pytest.raises(TypeError, match=f"seed must be an int, got {re.escape(repr(seed))}"):
+        block_lanczos(matrix, DIM, 3, seed=seed)
+    with pytest.raises(ValueError, match=r"seed must lie in \[-2\*\*63, 2\*\*64\)"):
+        block_lanczos(matrix, DIM, 3, seed=2**64)
 
 
 @pytest.mark.parametrize("block_size", [1, 3])

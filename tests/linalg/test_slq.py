@@ -1,6 +1,7 @@
 """Stochastic Lanczos quadrature on operators with known spectra."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -187,3 +188,62 @@ def test_bad_arguments(kwargs, message):
         slq(_diag(torch.float32), DIM, **kwargs)
     with pytest.raises(ValueError, match="sigma must be positive"):
         density_on_grid(torch.zeros(1, 2), torch.full((1, 2), 0.5), sigma=0.0)
+
+
+def test_matrix_and_seed_types():
+    """An integer matrix gave nodes [0, 0, ...] (blocks applied in int64), and a float seed
+    torch's 'manual_seed expected a long'."""
+    matrix = torch.diag(torch.arange(100))
+    with pytest.raises(TypeError, match=r"floating dtype.*\(got torch.int64\)"):
+        slq(matrix, 100, n_probes=2, steps=5)
+    for seed in ("a", 1.5):
+        with pytest.raises(TypeError, match="seed must be an int"):
+            slq(matrix.double(), 100, n_probes=2, steps=5, seed=seed)
+    res = slq(matrix.double(), 100, n_probes=2, steps=5, seed=3)
+    assert res.nodes.max() > 50
+
+
+NODES, WEIGHTS = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.5]])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"n_grid": 0}, ValueError, "n_grid must be an integer >= 2, got 0"),
+        ({"n_grid": 1}, ValueError, "n_grid must be an integer >= 2, got 1"),
+        ({"n_grid": 10.0}, ValueError, "n_grid must be an integer"),
+        ({"sigma": float("inf")}, ValueError, "sigma must be positive and finite, got inf"),
+        ({"sigma": float("nan")}, ValueError, "sigma must be positive and finite, got nan"),
+        ({"sigma": "wide"}, TypeError, "sigma must be a positive real number, got 'wide'"),
+        ({"grid": [1.0, -1.0, 0.0, 0.5]}, ValueError, "grid must be sorted ascending"),
+        ({"grid": []}, ValueError, "grid is empty"),
+        ({"grid": [0.0, float("inf")]}, ValueError, "grid must hold finite points"),
+        ({"grid": [0.0, float("nan")]}, ValueError, "grid must not hold NaN"),
+        ({"grid": ["a", "b"]}, TypeError, "grid must be a real number or an array"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_density_on_grid_bad_arguments(kwargs, error, message):
+    """n_grid=0 was an IndexError, sigma=inf a NaN density, an unsorted grid a cdf that is
+    not monotone; each is now an error that names the argument."""
+    with pytest.raises(error, match=re.escape(message)):
+        density_on_grid(NODES, WEIGHTS, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "x, kwargs, error, message",
+    [
+        (float("nan"), {}, ValueError, "x must not hold NaN"),
+        (torch.tensor([0.5, float("nan")]), {}, ValueError, "x must not hold NaN"),
+        ("a", {}, TypeError, "x must be a real number or an array of real numbers, got 'a'"),
+        (1 + 2j, {}, TypeError, "x must be a real number"),
+        (0.5, {"sigma": float("inf")}, ValueError, "sigma must be positive and finite"),
+        (0.5, {"sigma": 0.0}, ValueError, "sigma must be positive and finite"),
+    ],
+)
+def test_cumulative_count_bad_arguments(x, kwargs, error, message):
+    """fraction_below(nan) returned 0.0, and a string raised numpy's conversion error."""
+    with pytest.raises(error, match=re.escape(message)):
+        cumulative_count(NODES, WEIGHTS, x, **kwargs)
+    # Infinite thresholds are fine: nothing, or everything, lies below them.
+    assert cumulative_count(NODES, WEIGHTS, [-math.inf, math.inf]).tolist() == [0.0, 1.0]

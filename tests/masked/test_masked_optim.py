@@ -638,6 +638,8 @@ def test_mask_model_bad_input():
         mask_model(model, {"7.weight": torch.ones(3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="mask has shape"):
         mask_model(model, {"0.weight": torch.ones(4, 3, dtype=torch.bool)})
+    with pytest.raises(TypeError, match="masks must be a dict .* got list"):
+        mask_model(model, [torch.ones(3, 4, dtype=torch.bool)])
 
 
 def test_masked_model_trains_with_masked_optimizer(backend):

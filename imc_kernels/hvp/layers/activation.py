@@ -19,6 +19,9 @@ from imc_kernels import _dispatch, ops
 from imc_kernels.hvp.layers.base import LayerRule
 from imc_kernels.reference import activation as reference
 
+# The activation classes with a rule (what activation_kind matches, subclasses included).
+ACTIVATION_CLASSES = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU)
+
 
 def activation_kind(module: nn.Module) -> tuple[str, float] | None:
     """``(kind, negative_slope)`` for a supported activation module, else None."""
