@@ -47,6 +47,8 @@ import torch
 from torch import nn
 
 import imc_kernels
+from imc_kernels.hvp._common import resolve_loss
+from imc_prune._checks import check_class_targets, check_seed, forward
 from imc_prune.masks import (
     check_granularity,
     check_masks,
@@ -100,11 +102,14 @@ _RESOLVE_KEYS = (
 def random_scores(model: nn.Module, *, seed: int = 0) -> dict[str, torch.Tensor]:
     """Uniform ``[0, 1)`` scores, drawn on the CPU from ``seed`` (the same on every device).
 
+    Raises:
+        TypeError: a ``seed`` that is not an int.
+
     Example:
         >>> random_scores(nn.Linear(3, 2), seed=0)["weight"].shape
         torch.Size([2, 3])
     """
-    generator = torch.Generator().manual_seed(int(seed))
+    generator = torch.Generator().manual_seed(check_seed(seed))
     return {
         name: torch.rand(param.shape, generator=generator, dtype=torch.float64).to(param.device)
         for name, param in prunable_parameters(model).items()
@@ -128,7 +133,7 @@ def random(
         sparsity: fraction of prunable weights to remove, in ``[0, 1)``.
         scope: ``"global"`` (exactly ``round((1 - s) N)`` kept over all layers) or
             ``"layerwise"`` (the same fraction in every layer).
-        seed: the random draw.
+        seed: the random draw, an int.
         granularity, block_size: the masks' structure (module docstring).
 
     Returns:
@@ -136,6 +141,7 @@ def random(
 
     Raises:
         ValueError: bad sparsity, scope or structure.
+        TypeError: a ``seed`` that is not an int.
 
     Example:
         >>> masks = random(nn.Linear(10, 10), 0.3, seed=1)
@@ -143,6 +149,7 @@ def random(
         70
     """
     sparsity = check_sparsity(sparsity)
+    seed = check_seed(seed)
     _check_structure(model, granularity, block_size, sparsity)
     return masks_from_scores(
         random_scores(model, seed=seed),
@@ -220,7 +227,9 @@ def snip_scores(model: nn.Module, batch, *, loss_fn: Callable | None = None) -> 
         ``{name: score}`` for every prunable weight.
 
     Raises:
-        ValueError: a bad batch, or a prunable weight that does not require grad.
+        ValueError: a bad or empty batch, samples the model cannot take, class indices
+            outside its outputs, or a prunable weight that does not require grad.
+        TypeError: inputs whose dtype the model's parameters do not have.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
@@ -229,10 +238,12 @@ def snip_scores(model: nn.Module, batch, *, loss_fn: Callable | None = None) -> 
         ['0.weight', '2.weight']
     """
     inputs, targets = _unpack_batch(batch)
-    loss_fn = _resolve_loss(loss_fn, targets)
+    loss_fn = resolve_loss(loss_fn, targets)
     weights = _trainable_prunable(model)
     with _eval_mode(model), torch.enable_grad():
-        loss = loss_fn(model(inputs), targets)
+        output = forward(model, inputs)
+        check_class_targets(output, targets, loss_fn)
+        loss = loss_fn(output, targets)
         grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
     return {
         name: (_or_zeros(g, w) * w.detach()).abs() for (name, w), g in zip(weights.items(), grads)
@@ -311,8 +322,10 @@ def grasp_scores(
         flow the least (or increases it), so GraSP removes the highest scores.
 
     Raises:
-        ValueError: bad temperature or batch, or a prunable weight that does not require
+        ValueError: bad temperature, a bad or empty batch, samples the model cannot take,
+            class indices outside its outputs, or a prunable weight that does not require
             grad.
+        TypeError: inputs whose dtype the model's parameters do not have.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
@@ -325,7 +338,7 @@ def grasp_scores(
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be positive and finite, got {temperature}")
     inputs, targets = _unpack_batch(batch)
-    base_loss = _resolve_loss(loss_fn, targets)
+    base_loss = resolve_loss(loss_fn, targets)
     scale = 1.0 / float(temperature)
 
     def tempered_loss(output, target):
@@ -333,7 +346,9 @@ def grasp_scores(
 
     weights = _trainable_prunable(model)
     with _eval_mode(model), torch.enable_grad():
-        loss = tempered_loss(model(inputs), targets)
+        output = forward(model, inputs)
+        check_class_targets(output, targets, base_loss)
+        loss = tempered_loss(output, targets)
         grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
     gradient = {name: _or_zeros(g, w).detach() for (name, w), g in zip(weights.items(), grads)}
 
@@ -420,7 +435,7 @@ def synflow_scores(
         ``{name: score}`` in ``dtype``.
 
     Raises:
-        ValueError: a bad ``input_shape`` or masks.
+        ValueError: a bad ``input_shape`` (one the model cannot take included) or masks.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 2, bias=False), nn.Linear(2, 1, bias=False))
@@ -536,8 +551,12 @@ def _synflow_pass(work: nn.Module, input_shape: tuple) -> Masks:
     prunable = prunable_parameters(work)
     param = next(iter(prunable.values()))
     ones = torch.ones((1, *input_shape), dtype=param.dtype, device=param.device)
+    hint = (
+        f"input_shape={input_shape} is not what the model takes: pass the shape of one input "
+        "without the batch dimension (data.input_shape of the data it is trained on)"
+    )
     with torch.enable_grad():
-        flow = work(ones).sum()
+        flow = forward(work, ones, hint=hint).sum()
         grads = torch.autograd.grad(flow, list(prunable.values()), allow_unused=True)
     return {
         name: (_or_zeros(g, p) * p.detach()).abs() for (name, p), g in zip(prunable.items(), grads)
@@ -917,15 +936,10 @@ def _unpack_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
             f"inputs of shape {tuple(inputs.shape)} and targets of shape "
             f"{tuple(targets.shape)} must share their first (batch) dimension"
         )
+    if inputs.shape[0] == 0:
+        # Every score would be 0 and the tie-break alone would pick the masks.
+        raise ValueError("the score batch is empty: give it samples (inputs, targets)")
     return inputs, targets
-
-
-def _resolve_loss(loss_fn: Callable | None, targets: torch.Tensor) -> Callable:
-    if loss_fn is not None:
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        return loss_fn
-    return nn.MSELoss() if targets.dtype.is_floating_point else nn.CrossEntropyLoss()
 
 
 def _trainable_prunable(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -69,6 +69,7 @@ import dataclasses
 import datetime
 import hashlib
 import importlib
+import inspect
 import json
 import numbers
 import os
@@ -85,6 +86,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from imc_prune import _parallel, baselines, report
+from imc_prune._checks import check_positive_int, is_int
 from imc_prune.data import DATASET_NAMES, DatasetSplits, iterate_batches, load_dataset
 from imc_prune.masks import (
     SCOPES,
@@ -147,6 +149,17 @@ BASELINE_DEFAULTS = {
     "granularity": "element",  # mask structure: "element", "block" or "2:4"
     "block_size": None,  # the tile edge of granularity="block"
 }
+# Train settings set per run (run_one's arguments), not by a spec.
+_TRAIN_PER_RUN = ("seed", "device", "progress", "callback")
+#: The settings a spec's ``train`` may hold: the keyword arguments of
+#: :func:`imc_prune.train.train` that are not set per run.
+TRAIN_SETTINGS = tuple(
+    name
+    for name, parameter in inspect.signature(train).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in _TRAIN_PER_RUN
+)
+# IMC settings run_one sets itself.
+_IMC_PER_RUN = ("sparsity", "seed", "progress", "reuse")
 # Structure settings at their defaults are dropped from a spec, so that spelling them out or
 # not gives the same run (and the keys of runs from before these settings existed).
 _STRUCTURE_DEFAULTS = {"granularity": "element", "block_size": None}
@@ -201,6 +214,20 @@ def _check_remaining(remaining, method: str):
     return float(remaining)
 
 
+def _baseline_problem(key: str, value) -> str | None:
+    """What is wrong with a baseline setting's value (None: nothing); ``granularity`` and
+    ``block_size`` are checked together by :func:`imc_prune.masks.check_granularity`."""
+    if key == "scope" and value not in SCOPES:
+        return f"must be one of {', '.join(SCOPES)}"
+    if key == "imp_rate" and not (_is_real(value) and 0 < value < 1):
+        return "must lie in (0, 1) (the fraction of the surviving weights pruned per round)"
+    if key == "rewind_step" and not (is_int(value) and value >= 0):
+        return "must be an int >= 0 (0 rewinds to W0)"
+    if key in ("score_batch_size", "synflow_iterations") and not (is_int(value) and value >= 1):
+        return "must be a positive int"
+    return None
+
+
 def _plain(mapping, what: str) -> dict:
     """A JSON-comparable copy of a settings mapping (tuples become lists)."""
     if mapping is None:
@@ -242,7 +269,11 @@ class RunSpec:
     Raises:
         ValueError, TypeError: an unknown dataset, model or method, a bad ``remaining``,
             ``seed`` or subset, a score that contradicts the method name, a bad granularity
-            or block size, ``"2:4"`` with ``remaining`` other than 0.5 or with IMP.
+            or block size, ``"2:4"`` with ``remaining`` other than 0.5 or with IMP; a
+            ``train``, ``imc`` or ``baseline`` setting that the functions do not take
+            (:data:`TRAIN_SETTINGS`, :data:`imc_prune.imc.SETTINGS`,
+            :data:`BASELINE_DEFAULTS`) or whose value is out of range, checked when the spec
+            is made rather than when the run reaches it.
 
     Example:
         >>> RunSpec("fashion-mnist", "lenet300100", "imc-leverage", remaining=0.05).label
@@ -281,23 +312,37 @@ class RunSpec:
                 raise ValueError(
                     f"imc score must be one of {', '.join(IMC_SCORES)}, got {self.imc['score']!r}"
                 )
-            for key in ("sparsity", "seed", "progress"):
-                if key in self.imc:
-                    raise ValueError(f"imc setting {key!r} comes from the spec, not from imc=")
+        for key in _IMC_PER_RUN:
+            if key in self.imc:
+                raise ValueError(f"imc setting {key!r} comes from the spec, not from imc=")
         self.method = method
         self.remaining = _check_remaining(self.remaining, method)
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         self.seed = int(self.seed)
-        for key in ("seed", "device", "progress", "callback"):
+        for key in _TRAIN_PER_RUN:
             if key in self.train:
                 raise ValueError(f"train setting {key!r} is not part of a spec; it is set per run")
+        self._check_train()
+        unknown = sorted(set(self.imc) - set(imc_module.SETTINGS))
+        if unknown:
+            raise ValueError(
+                f"unknown imc settings {unknown}; imc() takes {', '.join(imc_module.SETTINGS)}"
+            )
+        try:
+            imc_module.check_settings(self.imc)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"imc settings: {exc}") from None
         unknown = set(self.baseline) - set(BASELINE_DEFAULTS)
         if unknown:
             raise ValueError(
                 f"unknown baseline settings {sorted(unknown)}; known: "
                 f"{', '.join(BASELINE_DEFAULTS)}"
             )
+        for key, value in self.baseline.items():
+            problem = _baseline_problem(key, value)
+            if problem is not None:
+                raise ValueError(f"baseline setting {key!r} {problem}, got {value!r}")
         for name in ("train_subset", "test_subset"):
             value = getattr(self, name)
             if value is not None and (
@@ -310,6 +355,22 @@ class RunSpec:
                 if key in settings and settings[key] == default:
                     del settings[key]
         self._check_structure()
+
+    def _check_train(self) -> None:
+        """The train settings against :func:`imc_prune.train.train`'s arguments and
+        :func:`imc_prune.train.resolve_config`'s ranges."""
+        unknown = sorted(set(self.train) - set(TRAIN_SETTINGS))
+        if unknown:
+            raise ValueError(
+                f"unknown train settings {unknown}; train() takes {', '.join(TRAIN_SETTINGS)}"
+            )
+        kwargs = self.train_kwargs()
+        try:
+            if "eval_batch_size" in kwargs:
+                check_positive_int(kwargs.pop("eval_batch_size"), "eval_batch_size")
+            resolve_config(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"train settings: {exc}") from None
 
     def _check_structure(self) -> None:
         if self.method == "dense" or self.granularity != "2:4":

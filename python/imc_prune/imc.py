@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
+import numbers
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -40,11 +42,22 @@ import torch
 from torch import nn
 
 import imc_kernels
+from imc_kernels.hvp._common import CURVATURES, ENGINES, resolve_loss
 from imc_kernels.linalg import block_lanczos
+from imc_prune._checks import (
+    check_class_targets,
+    check_positive_int,
+    check_positive_real,
+    check_seed,
+    forward,
+    training_set,
+)
 from imc_prune.data import DatasetSplits, first_batch, iterate_batches
 from imc_prune.masks import (
+    SCOPES,
     apply_masks,
     check_granularity,
+    check_masks,
     masks_from_scores,
     prunable_parameters,
     sparsity_report,
@@ -52,6 +65,12 @@ from imc_prune.masks import (
 
 SCORES = ("magnitude", "leverage", "curvature")
 REWINDS = ("init", "warmup")
+
+# The warm-up has diverged when its loss grows past this factor of its first value (of 1 when
+# the first is below 1: a loss near zero may rise by orders of magnitude without diverging).
+# Plain SGD at a sane lr stays within a few times its first loss; lr=1e6 on digits reaches
+# 3.6e10 times it at the second iteration.
+DIVERGENCE_FACTOR = 1e3
 
 # Upper bound on the points of the grid the smoothed cumulative distribution is evaluated on
 # (memory and time are linear in it: 2**20 points x 512 quadrature nodes is about 2 s on CPU).
@@ -107,22 +126,33 @@ def warmup(
     """Step 1: ``steps`` plain SGD iterations from the model's current weights ``W0``.
 
     The model is trained in place (train mode, then left in eval mode) and ends at ``W*``.
+    The first batch is checked against the model: a forward that fails says which input
+    shape or dtype the data has, and class indices outside the model's outputs are named.
+    The warm-up stops with an error when it diverges: a loss that is not finite, or one above
+    :data:`DIVERGENCE_FACTOR` (1000) times ``max(first loss, 1)``.
 
     Args:
         model: the network at ``W0``.
-        train_set: a ``torch.utils.data.Dataset`` of ``(input, target)`` pairs.
+        train_set: a map-style ``torch.utils.data.Dataset`` of ``(input, target)`` pairs (a
+            :class:`imc_prune.data.DatasetSplits` stands for its ``train`` split).
         steps: SGD iterations (0 keeps ``W* = W0``).
         lr: learning rate.
         momentum: SGD momentum.
         batch_size: samples per iteration.
-        loss_fn: ``loss_fn(output, target) -> scalar``; None means cross-entropy.
+        loss_fn: ``loss_fn(output, target) -> scalar``; None: cross-entropy for integer
+            targets, MSE for float targets (the rule of :class:`imc_kernels.HessianOperator`),
+            picked from the first batch.
         seed: seed of the batch order.
 
     Returns:
         A :class:`Warmup` with copies of ``W0`` and ``W*``.
 
     Raises:
-        ValueError: negative ``steps``, non-positive ``lr`` or ``batch_size``.
+        TypeError: ``train_set`` is not a map-style dataset; a ``seed`` that is not an int;
+            inputs whose dtype the model's parameters do not have.
+        ValueError: negative ``steps``, non-positive ``lr`` or ``batch_size``, an empty
+            training set, samples the model cannot take, class indices outside its outputs.
+        FloatingPointError: the loss became non-finite or diverged (lower ``lr``).
 
     Example:
         >>> w = warmup(model, splits.train, steps=10)
@@ -131,11 +161,18 @@ def warmup(
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"warm-up steps must be a non-negative integer, got {steps!r}")
-    if not lr > 0:
+    if (
+        isinstance(lr, bool)
+        or not isinstance(lr, numbers.Real)
+        or not (lr > 0 and math.isfinite(lr))
+    ):
         raise ValueError(f"warm-up lr must be positive, got {lr!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"warm-up batch_size must be a positive integer, got {batch_size!r}")
-    loss_fn = loss_fn or nn.functional.cross_entropy
+    train_set = training_set(train_set)
+    seed = check_seed(seed)
+    if steps and len(train_set) == 0:
+        raise ValueError("the training set is empty: the warm-up needs samples to train on")
     device = _model_device(model)
     initial = _state_copy(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
@@ -150,17 +187,36 @@ def warmup(
                 break
             inputs, targets = inputs.to(device), targets.to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(inputs), targets)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"warm-up: the loss is {float(loss)} at iteration {len(losses) + 1}; "
-                    f"lower the warm-up lr (now {lr})"
-                )
+            if losses:
+                output = model(inputs)
+            else:
+                loss_fn = resolve_loss(loss_fn, targets)
+                output = forward(model, inputs)
+                check_class_targets(output, targets, loss_fn)
+            loss = loss_fn(output, targets)
+            value = float(loss.detach())
+            _check_warmup_loss(value, losses, lr)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(value)
     model.eval()
     return Warmup(initial, _state_copy(model), steps, losses, lr, batch_size)
+
+
+def _check_warmup_loss(value: float, losses: list[float], lr: float) -> None:
+    """Stop a warm-up whose loss is not finite or has grown past the divergence rule."""
+    iteration = len(losses) + 1
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"warm-up: the loss is {value} at iteration {iteration}; lower the warm-up lr "
+            f"(now {lr})"
+        )
+    if losses and value > DIVERGENCE_FACTOR * max(losses[0], 1.0):
+        raise FloatingPointError(
+            f"warm-up diverged: the loss rose from {losses[0]:.4g} to {value:.4g} at iteration "
+            f"{iteration}, more than {DIVERGENCE_FACTOR:g} times max(first loss, 1); lower the "
+            f"warm-up lr (now {lr})"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,10 +309,16 @@ def spectrum(
     Returns:
         A :class:`Spectrum`.
 
+    Raises:
+        TypeError, ValueError: ``k`` is not a positive int, ``seed`` not an int; a
+            non-positive ``sigma``; the operator's errors.
+
     Example:
         >>> spec = spectrum(model, batch, k=8)
         >>> spec.top_eigenvalues[:3]
     """
+    k = check_positive_int(k, "k")
+    seed = check_seed(seed)
     started = time.perf_counter()
     make = imc_kernels.HessianOperator if operator is None else operator
     operator = make(model, loss_fn, batch, curvature=curvature, engine=engine)
@@ -354,6 +416,7 @@ def lipschitz(
 
     Raises:
         ValueError: ``eps <= 0``, ``p < 1``, ``n_directions < 1``.
+        TypeError: a ``seed`` that is not an int.
 
     Example:
         >>> lip = lipschitz(model, batch, eps=0.01)
@@ -366,6 +429,7 @@ def lipschitz(
         raise ValueError(f"p must be at least 1 (an l_p norm), got {p!r}")
     if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 1:
         raise ValueError(f"n_directions must be a positive integer, got {n_directions!r}")
+    seed = check_seed(seed)
     started = time.perf_counter()
     make = imc_kernels.HessianOperator if operator is None else operator
     center = make(model, loss_fn, batch, curvature=curvature, engine=engine)
@@ -599,13 +663,16 @@ def scores(
         ``dict`` prunable parameter name -> float32 score tensor of the weight's shape.
 
     Raises:
-        ValueError: unknown method, ``spec`` missing, ``p != 2``.
+        ValueError: unknown method, ``spec`` missing, ``p != 2``; for ``leverage`` and
+            ``curvature``, a prunable weight that does not require grad (frozen weights are
+            outside the Hessian, so they have no score).
     """
     if method not in SCORES:
         raise ValueError(f"score must be one of {', '.join(SCORES)}, got {method!r}")
     prunable = prunable_parameters(model)
     if method == "magnitude":
         return {name: param.detach().abs().float() for name, param in prunable.items()}
+    _check_no_frozen(model, method)
     if spec is None:
         raise ValueError(f"score {method!r} needs the spectrum (spec=)")
     if p != 2:
@@ -628,6 +695,17 @@ def scores(
     return out
 
 
+def _check_no_frozen(model: nn.Module, method: str) -> None:
+    """The spectral scores need every prunable weight in the Hessian (the trainable ones)."""
+    frozen = [name for name, param in prunable_parameters(model).items() if not param.requires_grad]
+    if frozen:
+        raise ValueError(
+            f"score={method!r} reads the Hessian's eigenvectors, which cover trainable "
+            f"parameters only, but the prunable weights {frozen} do not require grad (frozen): "
+            "unfreeze them (requires_grad_(True)) or use score='magnitude'"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # Step 7: rewind
 
@@ -639,6 +717,9 @@ def rewind(
     pruned weights; in place, returns the model."""
     if to not in REWINDS:
         raise ValueError(f"rewind must be one of {', '.join(REWINDS)}, got {to!r}")
+    if not isinstance(warm, Warmup):
+        raise TypeError(f"warm must be the Warmup of step 1, got {type(warm).__name__}")
+    check_masks(model, masks)  # before the weights are replaced
     model.load_state_dict(warm.initial if to == "init" else warm.trained)
     apply_masks(model, masks)
     return model
@@ -765,7 +846,7 @@ def imc(
     Args:
         model: the network at its initialisation ``W0``.
         data: a :class:`imc_prune.data.DatasetSplits` (its ``train`` split is used) or a
-            training ``Dataset``.
+            map-style training ``Dataset`` (``TensorDataset(x, y)`` for tensors).
         sparsity: ``"auto"`` (the rate from the spectral gap) or a fraction of the prunable
             weights to prune, in ``[0, 1)``.
         warmup_steps, warmup_lr, warmup_batch_size: step 1.
@@ -786,8 +867,11 @@ def imc(
         rewind_to: ``"init"`` (``W0``) or ``"warmup"`` (keep ``W*``).
         curvature: ``"hessian"`` or ``"ggn"``.
         engine: HVP engine.
-        loss_fn: None for cross-entropy.
-        seed: seeds the warm-up order, the probes and the Lanczos start blocks.
+        loss_fn: the loss of every step; None: cross-entropy for integer targets, MSE for
+            float targets (:class:`imc_kernels.HessianOperator`'s rule), picked once from the
+            Hessian's batch, so the warm-up, the spectrum and the Lipschitz estimate all work
+            on the same objective.
+        seed: seeds the warm-up order, the probes and the Lanczos start blocks (an int).
         progress: tqdm bars.
         reuse: an earlier result of the same model (same ``W0``) with the same settings of
             steps 1-4 (:data:`ANALYSIS_SETTINGS`): its warm-up, spectrum, Lipschitz estimate
@@ -803,10 +887,17 @@ def imc(
         An :class:`IMCResult`.
 
     Raises:
-        ValueError: a bad ``sparsity``, score, scope or rewind choice; a granularity or block
-            size the model's weights do not fit, or ``"2:4"`` at a sparsity other than 0.5
-            (all checked before the warm-up); the errors of each step; a ``reuse`` result
-            whose settings or ``W0`` differ.
+        ValueError: before the warm-up: a setting out of range (:func:`check_settings`); a
+            granularity or block size the model's weights do not fit, or ``"2:4"`` at a
+            sparsity other than 0.5; a model without prunable weights; frozen prunable
+            weights with the ``leverage`` or ``curvature`` score; an empty training set;
+            samples the model cannot take, or class indices outside its outputs. After it:
+            a Hessian at ``W*`` that is exactly zero; the errors of each step; a ``reuse``
+            result whose settings or ``W0`` differ.
+        TypeError: a setting of the wrong type (a ``seed`` or ``k`` that is not an int),
+            ``data`` that is not a dataset, inputs whose dtype the model's parameters do not
+            have.
+        FloatingPointError: a warm-up that diverges (:func:`warmup`).
 
     Example:
         >>> splits = imc_prune.data.load_dataset("digits", flatten=True)
@@ -815,29 +906,6 @@ def imc(
         >>> round(res.weights_remaining, 2)
         0.1
     """
-    if sparsity != "auto" and not (
-        isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool) and 0 <= sparsity < 1
-    ):
-        raise ValueError(f"sparsity must be 'auto' or a fraction in [0, 1), got {sparsity!r}")
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
-    if rewind_to not in REWINDS:
-        raise ValueError(f"rewind_to must be one of {', '.join(REWINDS)}, got {rewind_to!r}")
-    if scope not in ("global", "layerwise"):
-        raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
-    if granularity == "2:4" and sparsity == "auto":
-        raise ValueError(
-            "granularity='2:4' keeps exactly 2 of every 4 weights, a sparsity of 0.5; "
-            "sparsity='auto' (the spectral gap's rate) cannot be honoured: pass sparsity=0.5"
-        )
-    # Before the warm-up and the spectrum: a structure the weights cannot take fails at once.
-    check_granularity(
-        granularity,
-        block_size,
-        sparsity=None if sparsity == "auto" else float(sparsity),
-        shapes={name: param.shape for name, param in prunable_parameters(model).items()},
-    )
-    train_set = data.train if isinstance(data, DatasetSplits) else data
     settings = {
         "sparsity": sparsity,
         "warmup_steps": warmup_steps,
@@ -860,6 +928,32 @@ def imc(
         "engine": engine,
         "seed": seed,
     }
+    check_settings({**settings, "loss_fn": loss_fn})
+    if granularity == "2:4" and sparsity == "auto":
+        raise ValueError(
+            "granularity='2:4' keeps exactly 2 of every 4 weights, a sparsity of 0.5; "
+            "sparsity='auto' (the spectral gap's rate) cannot be honoured: pass sparsity=0.5"
+        )
+    train_set = training_set(data)
+    prunable = prunable_parameters(model)
+    if not prunable:
+        raise ValueError(
+            "no prunable weights (Linear/Conv2d) in the model: IMC prunes the weights of "
+            "nn.Linear and nn.Conv2d layers (their masked subclasses included)"
+        )
+    if score != "magnitude":
+        _check_no_frozen(model, score)
+    # Before the warm-up and the spectrum: a structure the weights cannot take fails at once.
+    check_granularity(
+        granularity,
+        block_size,
+        sparsity=None if sparsity == "auto" else float(sparsity),
+        shapes={name: param.shape for name, param in prunable.items()},
+    )
+    if len(train_set) == 0:
+        raise ValueError(
+            "the training set is empty: IMC needs samples to warm up and to take the Hessian on"
+        )
     timings: dict[str, float] = {}
     work = copy.deepcopy(model)
     device = _model_device(work)
@@ -874,6 +968,14 @@ def imc(
             settings,
             dict(reuse.timings),
         )
+
+    # The Hessian's batch (the first samples, which the warm-up does not change) fixes the
+    # default loss once, for every step, and shows up front whether the model takes the data.
+    batch = _hessian_batch(train_set, hessian_batch_size, device)
+    loss_fn = resolve_loss(loss_fn, batch[1])
+    _check_batch_fits(
+        work, batch, loss_fn, data.num_classes if isinstance(data, DatasetSplits) else None
+    )
 
     started = time.perf_counter()
     warm = warmup(
@@ -893,7 +995,6 @@ def imc(
         broadcast_model(work)
         warm = dataclasses.replace(warm, trained=_state_copy(work))
 
-    batch = _hessian_batch(train_set, hessian_batch_size, device)
     spec = spectrum(
         work,
         batch,
@@ -908,6 +1009,7 @@ def imc(
         operator=operator,
     )
     timings["spectrum"] = spec.seconds
+    _check_nonzero_hessian(spec, warmup_lr, warmup_steps)
 
     lip = lipschitz(
         work,
@@ -930,6 +1032,122 @@ def imc(
     return _finish(work, warm, spec, lip, gap, settings, timings)
 
 
+def _check_batch_fits(
+    model: nn.Module, batch: tuple, loss_fn: Callable, num_classes: int | None
+) -> None:
+    """The model's forward on the Hessian's batch (eval mode, no grad: nothing changes) and
+    its targets against the model's outputs, before any work is spent."""
+    inputs, targets = batch
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = forward(model, inputs)
+    finally:
+        for module, training in modes:
+            module.training = training
+    check_class_targets(output, targets, loss_fn, num_classes=num_classes)
+
+
+def _check_nonzero_hessian(spec: Spectrum, warmup_lr: float, warmup_steps: int) -> None:
+    """A Hessian that is exactly zero has no gap to find: every prune rate would be noise."""
+    largest = float(spec.top_eigenvalues.abs().max())
+    if not largest > 0:
+        raise ValueError(
+            f"the Hessian at W* is zero (its largest eigenvalue magnitude is {largest}): the "
+            "loss has no curvature there and the spectral gap is undefined. A dead network "
+            "(every ReLU inactive, saturated outputs) does this, e.g. after a warm-up at too "
+            f"large an lr: lower warmup_lr (now {warmup_lr}) or warmup_steps (now "
+            f"{warmup_steps}), or check the model's initialisation"
+        )
+
+
+def _check_choice(choices: tuple[str, ...]) -> Callable:
+    def check(value, name: str) -> None:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+    return check
+
+
+def _check_sparsity_setting(value, name: str) -> None:
+    if value != "auto" and not (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+    ):
+        raise ValueError(f"{name} must be 'auto' or a fraction in [0, 1), got {value!r}")
+
+
+def _check_norm(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 1:
+        raise ValueError(
+            f"{name} must be at least 1 (an l_p norm, math.inf allowed), got {value!r}"
+        )
+
+
+def _check_loss_fn(value, name: str) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable or None, got {type(value).__name__}")
+
+
+# How each keyword argument of imc() is checked before any work (those not listed are checked
+# together, granularity and block_size, or where they are used, reuse and operator).
+_SETTING_CHECKS: dict[str, Callable] = {
+    "sparsity": _check_sparsity_setting,
+    "warmup_steps": lambda value, name: check_positive_int(value, name, allow_zero=True),
+    "warmup_lr": check_positive_real,
+    "warmup_batch_size": check_positive_int,
+    "hessian_batch_size": check_positive_int,
+    "k": check_positive_int,
+    "n_probes": check_positive_int,
+    "steps": check_positive_int,
+    "eps": check_positive_real,
+    "p": _check_norm,
+    "n_directions": check_positive_int,
+    "c": check_positive_real,
+    "score": _check_choice(SCORES),
+    "scope": _check_choice(SCOPES),
+    "rewind_to": _check_choice(REWINDS),
+    "curvature": _check_choice(CURVATURES),
+    "engine": _check_choice(ENGINES),
+    "loss_fn": _check_loss_fn,
+    "seed": lambda value, name: check_seed(value),
+}
+
+
+def check_settings(settings: Mapping[str, Any]) -> None:
+    """Check keyword arguments of :func:`imc` by name, before any work is done.
+
+    :func:`imc` calls this first; :class:`imc_prune.experiment.RunSpec` calls it on its
+    ``imc`` settings, so that a typo or a value out of range fails when the spec is made,
+    not when the run reaches it.
+
+    Args:
+        settings: any of :data:`SETTINGS` (the keyword arguments of :func:`imc`) with values.
+
+    Raises:
+        TypeError: not a mapping; a value of the wrong type (a ``k`` given as a string).
+        ValueError: a name :func:`imc` does not take; a value out of range (``k=0``,
+            ``c<=0``, an unknown score, ...); a bad mask structure.
+
+    Example:
+        >>> check_settings({"k": 8, "c": 2.0, "score": "leverage"})
+        >>> check_settings({"kk": 3})
+        Traceback (most recent call last):
+        ValueError: unknown imc settings ['kk']; imc() takes sparsity, warmup_steps, ...
+    """
+    if not isinstance(settings, Mapping):
+        raise TypeError(f"imc settings must be a dict, got {type(settings).__name__}")
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown imc settings {unknown}; imc() takes {', '.join(SETTINGS)}")
+    for name, value in settings.items():
+        check = _SETTING_CHECKS.get(name)
+        if check is not None:
+            check(value, name)
+    if "granularity" in settings or "block_size" in settings:
+        check_granularity(settings.get("granularity", "element"), settings.get("block_size"))
+
+
 def _is_distributed(operator) -> bool:
     """Whether ``operator`` (a constructor, possibly a ``functools.partial``) builds the
     data-parallel operator."""
@@ -940,6 +1158,13 @@ def _is_distributed(operator) -> bool:
     target = getattr(operator, "func", operator)
     return isinstance(target, type) and issubclass(target, DistributedHessianOperator)
 
+
+#: The keyword arguments of :func:`imc`, the names :func:`check_settings` accepts.
+SETTINGS = tuple(
+    name
+    for name, parameter in inspect.signature(imc).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+)
 
 #: The settings of steps 1-4, which ``imc(reuse=...)`` requires to be equal.
 ANALYSIS_SETTINGS = (

@@ -233,7 +233,7 @@ def check_granularity(
     Raises:
         ValueError: an unknown granularity; a missing or stray ``block_size``, or one below
             1; ``"2:4"`` with a sparsity other than 0.5; a shape the structure does not fit.
-        TypeError: a ``block_size`` that is not an int.
+        TypeError: a ``block_size`` that is not an int; ``shapes`` that is not a mapping.
 
     Example:
         >>> check_granularity("block", 2, shapes={"0.weight": (300, 64), "4.weight": (10, 100)})
@@ -256,6 +256,10 @@ def check_granularity(
         raise ValueError(
             "granularity='2:4' keeps exactly 2 of every 4 weights: sparsity must be 0.5, got "
             f"{sparsity}"
+        )
+    if shapes is not None and not isinstance(shapes, Mapping):
+        raise TypeError(
+            f"shapes must be a dict parameter name -> shape, got {type(shapes).__name__}"
         )
     if granularity != "element" and shapes is not None:
         for name, shape in shapes.items():
@@ -321,6 +325,7 @@ def block_scores(score: torch.Tensor, block_size: int, *, name: str = "score") -
         float64 ``(rows // block_size, cols // block_size)`` with ``(rows, cols)`` the matrix.
 
     Raises:
+        TypeError: ``score`` is not a tensor.
         ValueError: fewer than 2 dimensions, or a matrix dimension that is not a multiple of
             ``block_size``.
 
@@ -328,6 +333,9 @@ def block_scores(score: torch.Tensor, block_size: int, *, name: str = "score") -
         >>> block_scores(torch.arange(8.0).reshape(2, 4), 2)
         tensor([[10., 18.]], dtype=torch.float64)
     """
+    if not isinstance(score, torch.Tensor):
+        raise TypeError(f"score {name!r} must be a tensor, got {type(score).__name__}")
+    check_granularity("block", block_size)
     matrix = _score_matrix(score, name, "block", block_size)
     rows, cols = matrix.shape
     tiles = matrix.to(torch.float64).reshape(
@@ -385,10 +393,15 @@ def is_two_four(mask: torch.Tensor) -> bool:
     The mask is read as the matrix ``(shape[0], -1)``, as ``granularity="2:4"`` builds it; its
     rows must have a multiple of 4 entries (else False).
 
+    Raises:
+        TypeError: ``mask`` is not a tensor.
+
     Example:
         >>> is_two_four(torch.tensor([[True, False, True, False, False, False, True, True]]))
         True
     """
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a bool tensor, got {type(mask).__name__}")
     if mask.dim() < 2:
         return False
     matrix = mask.reshape(mask.shape[0], -1)

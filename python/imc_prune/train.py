@@ -42,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from imc_kernels.masked import MaskedAdam, MaskedAdamW, MaskedSGD
+from imc_prune._checks import check_class_targets, forward
 from imc_prune.data import iterate_batches
 from imc_prune.masks import check_masks
 
@@ -254,7 +255,9 @@ def train(
             or ``steps`` (or a preset that sets one).
         preset: a name from :data:`PRESETS`; explicit arguments override it.
         seed: seeds the batch order and dropout.
-        device: where to train; None keeps the model's device.
+        device: where to train (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` or a
+            ``torch.device``, checked by :func:`imc_prune.experiment.resolve_device`); None
+            keeps the model's device.
         progress: show a tqdm bar over the steps.
         eval_batch_size: batch size of the per-epoch test evaluation.
         callback: ``callback(step, model)`` is called once before the first step with
@@ -267,9 +270,12 @@ def train(
 
     Raises:
         TypeError: no ``data`` or data without ``train``/``test`` splits; masks of the
-            wrong type.
-        ValueError: unknown preset or optimizer, a bad length, masks naming parameters the
-            model lacks or cannot prune, an empty training set.
+            wrong type; a ``seed`` that is not an int; targets that are not integer class
+            labels; inputs whose dtype the model's parameters do not have.
+        ValueError: unknown preset or optimizer, a bad length or ``eval_batch_size``, masks
+            naming parameters the model lacks or cannot prune, an empty training set, a
+            device that is not there, samples the model cannot take (checked on the first
+            batch), class labels outside the model's outputs.
         FloatingPointError: the training loss became NaN or infinite.
 
     Example:
@@ -297,11 +303,13 @@ def train(
     )
     if not _is_int(seed):
         raise TypeError(f"seed must be an int, got {seed!r}")
+    if not _is_int(eval_batch_size) or eval_batch_size < 1:
+        raise ValueError(f"eval_batch_size must be a positive int, got {eval_batch_size!r}")
     n_train = len(data.train)
     if n_train == 0:
         raise ValueError("the training set is empty")
     if device is not None:
-        model.to(device)
+        model.to(_resolve_device(device))
     device = _model_device(model)
     masks = {} if masks is None else masks
     if not isinstance(masks, Mapping):
@@ -337,7 +345,11 @@ def train(
                 ):
                     inputs, targets = inputs.to(device), targets.to(device)
                     opt.zero_grad(set_to_none=True)
-                    loss = F.cross_entropy(model(inputs), targets)
+                    if step:
+                        logits = model(inputs)
+                    else:
+                        logits = _first_forward(model, inputs, targets, data)
+                    loss = F.cross_entropy(logits, targets)
                     loss.backward()
                     opt.step()
                     step += 1
@@ -398,6 +410,28 @@ def _check_data(data) -> None:
         )
 
 
+def _first_forward(model: nn.Module, inputs, targets, data) -> torch.Tensor:
+    """The first batch's forward, checked: the model must take the data's samples and have
+    an output per class of its targets."""
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(
+            "train() fits a classifier with cross-entropy on class indices: the targets must "
+            f"be integer labels, got dtype {targets.dtype}"
+        )
+    logits = forward(model, inputs)
+    check_class_targets(
+        logits, targets, F.cross_entropy, num_classes=getattr(data, "num_classes", None)
+    )
+    return logits
+
+
+def _resolve_device(device) -> torch.device:
+    # experiment imports this module: its device check is imported when it is needed.
+    from imc_prune.experiment import resolve_device
+
+    return resolve_device(device)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
@@ -438,7 +472,7 @@ def evaluate(
 
     Raises:
         TypeError: a DatasetSplits instead of one split.
-        ValueError: an empty dataset or a bad batch size.
+        ValueError: an empty dataset, a bad batch size, or a device that is not there.
 
     Example:
         >>> data = load_dataset("digits", flatten=True)
@@ -451,7 +485,7 @@ def evaluate(
     n = len(dataset)
     if n == 0:
         raise ValueError("cannot evaluate on an empty dataset")
-    device = _model_device(model) if device is None else torch.device(device)
+    device = _model_device(model) if device is None else _resolve_device(device)
     previous = [(module, module.training) for module in model.modules()]
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)

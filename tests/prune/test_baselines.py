@@ -603,3 +603,63 @@ def test_bad_structure_fails_before_any_training(monkeypatch, call, match):
     monkeypatch.setattr(baselines, "train", no_training)
     with pytest.raises(ValueError, match=match):
         call(_mlp(BLOCK_SIZES), _toy_data())
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: errors that name the problem, never masks from a meaningless score
+
+SCORE_METHODS = {
+    "snip": lambda model, batch: baselines.snip(model, batch, 0.5),
+    "grasp": lambda model, batch: baselines.grasp(model, batch, 0.5),
+}
+
+
+@pytest.mark.parametrize("method", SCORE_METHODS)
+def test_score_batch_class_count_mismatch(method):
+    # Labels 0..3 for a model with 3 outputs: torch's "Target 3 is out of bounds" before.
+    model = _mlp((8, 16, 3))
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 3\) for a model with 3 "):
+        SCORE_METHODS[method](model, _batch(SIZES["aligned"]))
+
+
+@pytest.mark.parametrize("method", SCORE_METHODS)
+def test_score_batch_dtype_mismatch(method):
+    batch = _batch(SIZES["aligned"], dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"dtype torch.float64.*parameters are torch.float32"):
+        SCORE_METHODS[method](_mlp(SIZES["aligned"]), batch)
+
+
+@pytest.mark.parametrize("method", SCORE_METHODS)
+def test_score_batch_shape_mismatch(method):
+    x, y = _batch(SIZES["aligned"])
+    with pytest.raises(ValueError, match=r"forward failed on inputs of shape \(12, 2, 4\)"):
+        SCORE_METHODS[method](_mlp(SIZES["aligned"]), (x.view(-1, 2, 4), y))
+
+
+@pytest.mark.parametrize("method", SCORE_METHODS)
+def test_empty_score_batch(method):
+    # All-zero scores: the tie-break alone picked SNIP's masks; GraSP failed on a NaN loss.
+    x, y = _batch(SIZES["aligned"])
+    with pytest.raises(ValueError, match="the score batch is empty"):
+        SCORE_METHODS[method](_mlp(SIZES["aligned"]), (x[:0], y[:0]))
+
+
+def test_synflow_input_shape_the_model_does_not_take():
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    with pytest.raises(
+        ValueError,
+        match=r"forward failed on inputs of shape \(1, 1, 8, 8\).*input_shape=\(1, 8, 8\) is "
+        r"not what the model takes",
+    ):
+        baselines.synflow(model, 0.5, input_shape=(1, 8, 8), iterations=2)
+
+
+@pytest.mark.parametrize("seed", ["a", 1.7, None])
+def test_random_seed_must_be_an_int(seed):
+    # 1.7 was truncated to 1 (the masks of seed 1), "a" failed inside int().
+    model = _mlp(SIZES["aligned"])
+    with pytest.raises(TypeError, match="seed must be an int"):
+        baselines.random(model, 0.5, seed=seed)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        baselines.random_scores(model, seed=seed)
+    assert baselines.random(model, 0.5, seed=np.int64(3))["0.weight"].shape == (16, 8)

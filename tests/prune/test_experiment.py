@@ -131,6 +131,51 @@ def test_spec_rejects_bad_input(kwargs, match):
         RunSpec(**fields)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        # Each was accepted and failed (or not) only when run_one reached it.
+        ({"train": {"epoch": 1}}, ValueError, r"unknown train settings \['epoch'\]; train\(\)"),
+        ({"train": {"lr": -1.0}}, ValueError, "train settings: lr must be finite and >= 0"),
+        ({"train": {"lr": "x"}}, TypeError, "train settings: lr must be a real number"),
+        ({"train": {"eval_batch_size": 0}}, ValueError, "eval_batch_size must be a positive int"),
+        ({"imc": {"kk": 3}}, ValueError, r"unknown imc settings \['kk'\]; imc\(\) takes"),
+        ({"imc": {"k": 0}}, ValueError, "imc settings: k must be a positive int, got 0"),
+        ({"imc": {"k": "4"}}, TypeError, "imc settings: k must be an int"),
+        ({"imc": {"c": -1.0}}, ValueError, "imc settings: c must be positive"),
+        ({"imc": {"reuse": None}}, ValueError, "'reuse' comes from the spec"),
+        ({"baseline": {"imp_rate": 2}}, ValueError, r"setting 'imp_rate' must lie in \(0, 1\)"),
+        ({"baseline": {"scope": "foo"}}, ValueError, "baseline setting 'scope' must be one of"),
+        ({"baseline": {"rewind_step": -1}}, ValueError, "baseline setting 'rewind_step'"),
+        ({"baseline": {"synflow_iterations": 0}}, ValueError, "'synflow_iterations' must be"),
+    ],
+)  # fmt: skip
+def test_spec_checks_settings_when_it_is_made(kwargs, error, match):
+    method = "imc" if "imc" in kwargs else "imp"
+    with pytest.raises(error, match=match):
+        RunSpec("digits", "lenet300100", method, 0.3, **kwargs)
+
+
+def test_spec_keys_of_valid_specs_are_unchanged():
+    # Keys of runs.jsonl written before the settings were checked (computed then).
+    specs = {
+        "e8915ef9d73f2ce8": RunSpec(
+            "digits", "lenet300100", "imc-leverage", 0.1, imc={"k": 8, "c": 2.0},
+            train={"epochs": 2, "lr": 1e-3},
+        ),
+        "55566274ffc0f3ec": RunSpec(
+            "digits", "lenet300100", "imp", 0.2, seed=3,
+            baseline={"imp_rate": 0.3, "scope": "layerwise"},
+            train={"steps": 50, "eval_batch_size": 500},
+        ),
+        "ef187409e1d14b62": RunSpec(
+            "fashion-mnist", "conv2", "snip", 0.05,
+            baseline={"granularity": "block", "block_size": 2},
+        ),
+    }  # fmt: skip
+    assert {spec.key: key for key, spec in specs.items()} == {key: key for key in specs}
+
+
 def test_spec_rejects_non_int_seed():
     with pytest.raises(TypeError, match="seed must be an int"):
         RunSpec("digits", "lenet300100", "random", 0.3, seed=1.5)

@@ -469,3 +469,170 @@ def test_gap_nan_free_on_real_spectrum():
     gap = spectral_gap(spec, lip.value)
     assert math.isfinite(gap.lower) and 0 <= gap.prune_rate < 1
     assert gap.n >= gap.n_nonpositive
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error before the expensive steps, never a hang or a silent answer
+
+
+def _splits(train, num_classes=3):
+    from imc_prune.data import DatasetSplits
+
+    sample = tuple(train[0][0].shape)
+    return DatasetSplits("toy", train, train, num_classes=num_classes, input_shape=sample)
+
+
+@pytest.fixture
+def no_warmup(monkeypatch):
+    """Fails the test if imc() reaches the warm-up: the error must come before it."""
+
+    def refuse(*args, **kw):
+        raise AssertionError("the input must be checked before the warm-up")
+
+    monkeypatch.setattr(imc_mod, "warmup", refuse)
+
+
+def test_imc_class_count_mismatch_names_the_dataset_classes(no_warmup):
+    # A model with 2 outputs on labels 0..2: torch's "Target 2 is out of bounds" before.
+    model = _tiny_mlp(dtype=torch.float32, classes=2)
+    with pytest.raises(
+        ValueError,
+        match=r"targets must lie in \[0, 2\) for a model with 2 outputs; found 2 \(the dataset "
+        r"has 3 classes: build the model with num_classes=3\)",
+    ):
+        imc(model, _splits(_dataset()), sparsity=0.5, **SMALL)
+
+
+def test_warmup_checks_targets_against_the_outputs():
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 2\).*found 2"):
+        warmup(_tiny_mlp(dtype=torch.float32, classes=2), _dataset(), steps=2, batch_size=256)
+
+
+def test_imc_input_shape_mismatch_names_the_samples(no_warmup):
+    # Images (1, 2, 2) for an MLP that takes 4 features: "mat1 and mat2 shapes" before.
+    data = _dataset()
+    images = TensorDataset(data.tensors[0].view(-1, 1, 2, 2), data.tensors[1])
+    with pytest.raises(
+        ValueError,
+        match=r"forward failed on inputs of shape \(128, 1, 2, 2\): .*the data's samples are "
+        r"\(1, 2, 2\) \(load with flatten=True for an MLP",
+    ):
+        imc(_tiny_mlp(dtype=torch.float32), _splits(images), sparsity=0.5, **SMALL)
+
+
+def test_imc_dtype_mismatch_names_both_dtypes(no_warmup):
+    with pytest.raises(TypeError, match=r"dtype torch.float32.*parameters are torch.float64"):
+        imc(_tiny_mlp(dtype=torch.float64), _dataset(), sparsity=0.5, **SMALL)
+
+
+def test_empty_training_set_is_an_error_not_a_hang():
+    # The warm-up looped forever over an epoch without batches.
+    empty = TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="the training set is empty"):
+        warmup(_tiny_mlp(dtype=torch.float32), empty, steps=2)
+    with pytest.raises(ValueError, match="the training set is empty"):
+        imc(_tiny_mlp(dtype=torch.float32), empty, sparsity=0.5, **SMALL)
+
+
+def test_imc_float_targets_use_one_loss_for_every_step(monkeypatch):
+    # Float targets: the warm-up took cross-entropy with soft labels while the Hessian
+    # operator took MSE, two objectives in one analysis.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=g), torch.randn(64, 3, generator=g)
+    seen = {}
+    for step in ("warmup", "spectrum", "lipschitz"):
+        original = getattr(imc_mod, step)
+
+        def spy(*args, _step=step, _original=original, **kw):
+            seen[_step] = kw["loss_fn"]
+            return _original(*args, **kw)
+
+        monkeypatch.setattr(imc_mod, step, spy)
+    model = _tiny_mlp(dtype=torch.float32)
+    res = imc(model, TensorDataset(x, y), sparsity=0.5, **{**SMALL, "warmup_batch_size": 64})
+    assert isinstance(seen["warmup"], nn.MSELoss)
+    assert seen["spectrum"] is seen["warmup"] and seen["lipschitz"] is seen["warmup"]
+    # The first warm-up batch is the whole set (in another order): its MSE at W0.
+    with torch.no_grad():
+        expected = nn.functional.mse_loss(model(x), y)
+    assert res.warmup.losses[0] == pytest.approx(float(expected), rel=1e-6)  # fp32 sum order
+
+
+def test_warmup_stops_when_the_loss_explodes():
+    with pytest.raises(FloatingPointError, match=r"warm-up diverged.*lower the warm-up lr"):
+        warmup(_tiny_mlp(dtype=torch.float32), _dataset(), steps=5, lr=1e6, batch_size=32)
+
+
+def test_imc_refuses_a_zero_hessian():
+    # Every ReLU dead and no output bias: the loss is flat in every weight, the Hessian is 0,
+    # and a "gap" in a spectrum of zeros gave an arbitrary auto sparsity.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3, bias=False))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)
+    with pytest.raises(ValueError, match=r"the Hessian at W\* is zero"):
+        imc(model, _dataset(), **{**SMALL, "warmup_steps": 0})
+
+
+@pytest.mark.parametrize("data", ["tuple", "loader"])
+def test_imc_data_must_be_a_dataset(no_warmup, data):
+    dataset = _dataset()
+    given = {"tuple": dataset.tensors, "loader": torch.utils.data.DataLoader(dataset)}[data]
+    kind = type(given).__name__
+    with pytest.raises(
+        TypeError, match=rf"data must be a DatasetSplits or a map-style Dataset \(got {kind}\)"
+    ):
+        imc(_tiny_mlp(dtype=torch.float32), given, sparsity=0.5, **SMALL)
+
+
+@pytest.mark.parametrize("score", ["leverage", "curvature"])
+def test_spectral_scores_refuse_frozen_weights(no_warmup, score):
+    model = _tiny_mlp(dtype=torch.float32)
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"\['0.weight'\] do not require grad"):
+        imc(model, _dataset(), sparsity=0.5, score=score, **SMALL)
+    with pytest.raises(ValueError, match=r"\['0.weight'\] do not require grad"):
+        scores(model, None, method=score)
+
+
+def test_imc_needs_prunable_weights(no_warmup):
+    class Bilinear(nn.Module):  # a bare parameter, no Linear or Conv2d
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 4))
+
+        def forward(self, x):
+            return x @ self.w.T
+
+    with pytest.raises(ValueError, match=r"no prunable weights \(Linear/Conv2d\)"):
+        imc(Bilinear(), _dataset(), sparsity=0.5, **SMALL)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"seed": "a"}, TypeError, "seed must be an int, got 'a'"),
+        ({"seed": 1.5}, TypeError, "seed must be an int, got 1.5"),
+        ({"k": "4"}, TypeError, "k must be an int, got '4'"),
+        ({"k": 0}, ValueError, "k must be a positive int, got 0"),
+        ({"hessian_batch_size": 0}, ValueError, "hessian_batch_size must be a positive int"),
+        ({"n_probes": 2.0}, TypeError, "n_probes must be an int"),
+        ({"eps": 0.0}, ValueError, "eps must be positive"),
+        ({"c": -1.0}, ValueError, "c must be positive"),
+        ({"p": 0.5}, ValueError, "p must be at least 1"),
+        ({"warmup_lr": "0.1"}, TypeError, "warmup_lr must be a positive number"),
+        ({"warmup_steps": -1}, ValueError, "warmup_steps must be a non-negative int"),
+        ({"curvature": "GGN"}, ValueError, "curvature must be one of hessian, ggn"),
+        ({"engine": "triton"}, ValueError, "engine must be one of auto"),
+        ({"loss_fn": "ce"}, TypeError, "loss_fn must be callable"),
+    ],
+)
+def test_imc_settings_are_checked_before_the_warmup(no_warmup, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        imc(_tiny_mlp(dtype=torch.float32), _dataset(), sparsity=0.5, **{**SMALL, **kwargs})
+
+
+def test_check_settings_names_unknown_settings():
+    imc_mod.check_settings({"k": 8, "c": 2.0, "score": "leverage"})
+    with pytest.raises(ValueError, match=r"unknown imc settings \['kk'\]; imc\(\) takes"):
+        imc_mod.check_settings({"kk": 3})

@@ -8,6 +8,7 @@ from torch import nn
 
 from imc_prune.masks import (
     apply_masks,
+    block_scores,
     check_granularity,
     check_masks,
     check_sparsity,
@@ -333,3 +334,13 @@ def test_dense_masks():
     masks = dense_masks(model)
     assert list(masks) == list(prunable_parameters(model))
     assert all(m.all() and m.dtype == torch.bool for m in masks.values())
+
+
+def test_mask_helpers_refuse_a_list_where_a_tensor_or_dict_belongs():
+    # Each raised AttributeError ('list' object has no attribute ...) before.
+    with pytest.raises(TypeError, match="shapes must be a dict parameter name -> shape"):
+        check_granularity("block", 2, shapes=[(4, 4)])
+    with pytest.raises(TypeError, match="score 'score' must be a tensor, got list"):
+        block_scores([[1.0, 2.0], [3.0, 4.0]], 2)
+    with pytest.raises(TypeError, match="mask must be a bool tensor, got list"):
+        is_two_four([True, False, True, False])

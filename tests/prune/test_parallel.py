@@ -118,9 +118,10 @@ def test_runs_sharing_work_stay_in_one_group():
 
 def test_a_failing_run_is_raised_and_the_finished_ones_stay(cache, tmp_path):
     good = _spec("random", 0.3)
-    # A negative gap constant: only imc() itself finds out, inside the worker.
-    bad = _spec("imc-magnitude", 0.3, imc={**SMALL_IMC, "c": -1.0})
-    with pytest.raises(ValueError, match="c must be positive, got -1.0") as caught:
+    # A warm-up lr that diverges: only the warm-up itself finds out, inside the worker (the
+    # spec checks the settings' ranges, not where training goes).
+    bad = _spec("imc-magnitude", 0.3, imc={**SMALL_IMC, "warmup_lr": 1e6})
+    with pytest.raises(FloatingPointError, match="warm-up diverged") as caught:
         compare([good, bad], tmp_path, device="cpu", devices=["cpu"], threads=1)
     notes = "\n".join(getattr(caught.value, "__notes__", []))
     assert "in compare worker 0 (cpu), run imc-magnitude target 0.3 seed 0" in notes

@@ -247,3 +247,67 @@ def test_errors():
     with pytest.raises(FloatingPointError, match="training loss"):
         train(model, None, data, optimizer="sgd", lr=1e30, steps=4)
     assert before.keys() == model.state_dict().keys()
+
+
+# Bad data for the model: a clear error at the first batch, before any step is taken.
+
+
+def _no_step(step, model):
+    assert step == 0, "the error must come before the first step"
+
+
+def test_class_count_mismatch_names_the_dataset_classes():
+    data, _ = _setup("aligned")  # 4 classes
+    d_in, hidden, _, _ = SIZES["aligned"]
+    model = _model(d_in, hidden, 3)
+    with pytest.raises(
+        ValueError,
+        match=r"targets must lie in \[0, 3\) for a model with 3 outputs; found 3 \(the dataset "
+        r"has 4 classes: build the model with num_classes=4\)",
+    ):
+        train(model, None, data, steps=2, callback=_no_step)
+
+
+def test_input_shape_mismatch_names_the_samples():
+    data, model = _setup("aligned")  # 8 features per sample, shown as (2, 4) images
+    x, y = data.train.tensors
+    images = DatasetSplits("toy", TensorDataset(x.view(-1, 2, 4), y), data.test, 4, (2, 4))
+    with pytest.raises(
+        ValueError,
+        match=r"forward failed on inputs of shape \(60, 2, 4\): .*the data's samples are "
+        r"\(2, 4\) \(load with flatten=True for an MLP, or build the model with "
+        r"input_shape=\(2, 4\)\)",
+    ):
+        train(model, None, images, steps=2, callback=_no_step)
+
+
+def test_dtype_mismatch_names_both_dtypes():
+    data, model = _setup("aligned")
+    x, y = data.train.tensors
+    doubles = DatasetSplits("toy", TensorDataset(x.double(), y), data.test, 4, (8,))
+    with pytest.raises(TypeError, match=r"dtype torch.float64.*parameters are torch.float32"):
+        train(model, None, doubles, steps=2, callback=_no_step)
+
+
+def test_float_targets_are_refused():
+    # Cross-entropy took them as soft labels and the accuracy compared argmax with floats.
+    data, model = _setup("aligned")
+    x, _ = data.train.tensors
+    soft = DatasetSplits("toy", TensorDataset(x, torch.rand(len(x), 4)), data.test, 4, (8,))
+    with pytest.raises(TypeError, match="targets must be integer labels, got dtype torch.float32"):
+        train(model, None, soft, steps=2, callback=_no_step)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_device_that_is_not_there():
+    data, model = _setup("aligned")
+    with pytest.raises(ValueError, match="sees no CUDA device; use cpu"):
+        train(model, None, data, steps=1, device="cuda")
+    with pytest.raises(ValueError, match="sees no CUDA device; use cpu"):
+        evaluate(model, data.test, device="cuda")
+
+
+def test_eval_batch_size_is_checked_before_training():
+    data, model = _setup("aligned")
+    with pytest.raises(ValueError, match="eval_batch_size must be a positive int, got 0"):
+        train(model, None, data, steps=2, eval_batch_size=0, callback=_no_step)
