@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -461,7 +462,16 @@ def _check_mask(mask: Any, param: torch.Tensor, name: str, owner: str) -> None:
         )
 
 
+def _check_real(value: Any, what: str) -> None:
+    """A real number (or a one-element tensor holding one), not a string or a bool."""
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+
+
 def _check_common_hyperparameters(lr: Any, weight_decay: Any) -> None:
+    _check_real(lr, "lr")
+    _check_real(weight_decay, "weight_decay")
     if not _scalar(lr) >= 0.0:
         raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
     if not weight_decay >= 0.0:
@@ -514,6 +524,8 @@ class MaskedSGD(_MaskedOptimizer):
         param_names: Sequence[str] | None = None,
     ) -> None:
         _check_common_hyperparameters(lr, weight_decay)
+        _check_real(momentum, "momentum")
+        _check_real(dampening, "dampening")
         if not momentum >= 0.0:
             raise ValueError(f"Invalid momentum value: {momentum} (must be >= 0)")
         if nesterov and (momentum <= 0 or dampening != 0):
@@ -597,9 +609,13 @@ class MaskedAdam(_MaskedOptimizer):
         param_names: Sequence[str] | None = None,
     ) -> None:
         _check_common_hyperparameters(lr, weight_decay)
+        _check_real(eps, "eps")
         if not eps >= 0.0:
             raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
+        if isinstance(betas, (str, bytes)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         for index, beta in enumerate(betas):
+            _check_real(beta, f"betas[{index}]")
             if not 0.0 <= _scalar(beta) < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
         defaults = dict(

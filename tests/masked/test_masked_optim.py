@@ -502,6 +502,16 @@ def test_bad_optimizer_input():
         MaskedSGD(w, lr=0.1)
     with pytest.raises(ValueError, match="appears twice"):
         MaskedSGD([w, w], lr=0.1)
+    # Types: a string compared with a float failed inside the check; a one-value betas was
+    # accepted and failed at the first step.
+    with pytest.raises(TypeError, match="lr must be a number, got '0.1'"):
+        MaskedSGD([w], lr="0.1")
+    with pytest.raises(TypeError, match="momentum must be a number"):
+        MaskedSGD([w], lr=0.1, momentum="0.9")
+    with pytest.raises(ValueError, match=r"betas must be a pair \(beta1, beta2\), got \(0.9,\)"):
+        MaskedAdam([w], betas=(0.9,))
+    with pytest.raises(TypeError, match=r"betas\[1\] must be a number"):
+        MaskedAdamW([w], betas=(0.9, None))
 
 
 def test_bad_from_model_input():
