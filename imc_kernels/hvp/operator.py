@@ -131,7 +131,9 @@ class HessianOperator(FlatParameterOperator):
         engine: ``"fused"`` (per-layer rules, block GEMMs, fused kernels), ``"func"``
             (``torch.func`` forward-over-reverse, any model), ``"double_backward"``
             (reverse-over-reverse, Hessian only), or ``"auto"``: fused when every module and
-            the loss are supported, else func. ``engine_reason`` says why. Models with
+            the loss are supported, else func, and for Hessian products double_backward
+            when func's first product finds an op without a forward-mode rule (such as
+            ``huber_loss``). ``engine_reason`` says why. Models with
             forward hooks, subclasses with their own ``forward`` or reparametrized weights
             are not supported by fused (its rules would skip that code).
         mode: ``"eval"`` (default) evaluates the model in eval mode (dropout off, BatchNorm
@@ -230,6 +232,9 @@ class HessianOperator(FlatParameterOperator):
                 self._engine = _ENGINES[self.engine](
                     model, self.layout, self.loss_fn, self.inputs, self.targets, curvature
                 )
+        # auto's choice of func rests on the modules; an op inside them may still lack a
+        # forward-mode rule, which only the first product finds out.
+        self._may_fall_back = engine == "auto" and self.engine == "func" and curvature == "hessian"
         if cuda_graph:
             if self.engine != "fused":  # engine="auto" picked another one
                 raise ValueError(
@@ -367,7 +372,26 @@ class HessianOperator(FlatParameterOperator):
             out = torch.empty(self.dim, 1, dtype=block.dtype, device=block.device)
             views = self.layout.parameter_views(out[:, 0])
             return self.layout.join_block(self._engine.matmat(tangents, views), 1, out=out)
-        return self.layout.join_block(self._engine.matmat(tangents), block.shape[1])
+        return self.layout.join_block(self._engine_matmat(tangents), block.shape[1])
+
+    def _engine_matmat(self, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        try:
+            return self._engine.matmat(tangents)
+        except NotImplementedError as exc:
+            if not self._may_fall_back:
+                raise
+            self._may_fall_back = False
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self._engine = DoubleBackwardEngine(
+                self.model, self.layout, self.loss_fn, self.inputs, self.targets, "hessian"
+            )
+            self.engine = "double_backward"
+            self.engine_reason = (
+                f"{self.engine_reason}; then func's first product failed ({first_line}), so "
+                "double_backward"
+            )
+            logger.info("HessianOperator: engine %s (%s)", self.engine, self.engine_reason)
+            return self._engine.matmat(tangents)
 
     def reset_graphs(self) -> None:
         """Free the CUDA graphs, their buffers and memory pools; the next product of each

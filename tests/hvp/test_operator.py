@@ -9,6 +9,7 @@ symmetry and linearity 1e-5 (the fp32 rounding of two separate products, as for 
 from __future__ import annotations
 
 import copy
+import math
 import re
 import warnings
 
@@ -593,3 +594,38 @@ def test_one_call_hvp(oracles):
     block = oracles.random_block(op.dim, 3, seed=59)
     ggn = imc_kernels.hvp(model, loss_fn, batch, block, curvature="ggn", engine="func")
     assert oracles.rel_err(ggn, reference @ block.double()) <= 1e-5
+
+
+def test_auto_falls_back_to_double_backward_when_func_cannot_differentiate():
+    """Huber loss has no forward-mode rule (huber_loss_backward), which auto's module-based
+    choice of func cannot see; the first product finds out and auto continues with
+    double_backward instead of failing. Checked against a reverse-over-reverse dense Hessian
+    of the loss in the flat parameters (torch.autograd.functional.hessian)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randn(6, 2, dtype=torch.float64)
+    loss_fn = nn.HuberLoss(delta=0.5)
+    op = HessianOperator(model, loss_fn, (x, y))
+    assert op.engine == "func", op.engine_reason
+    v = torch.randn(op.dim, 3, dtype=torch.float64)
+    hv = op @ v
+    assert op.engine == "double_backward" and "huber" in op.engine_reason
+
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss_of(theta):
+        pieces = torch.split(theta, [math.prod(s) for s in shapes])
+        state = {n: t.view(s) for n, t, s in zip(names, pieces, shapes, strict=True)}
+        return loss_fn(torch.func.functional_call(model, state, (x,)), y)
+
+    dense = torch.autograd.functional.hessian(loss_of, flat)
+    assert torch.allclose(hv, dense @ v, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(op @ v[:, 0], dense @ v[:, 0], rtol=1e-10, atol=1e-12)
+    # Asked for by name, func keeps its clear error; GGN has no double_backward to fall to.
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        HessianOperator(model, loss_fn, (x, y), engine="func") @ v
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        HessianOperator(model, loss_fn, (x, y), curvature="ggn") @ v
