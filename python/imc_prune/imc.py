@@ -34,6 +34,7 @@ import inspect
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -322,7 +323,13 @@ def spectrum(
     started = time.perf_counter()
     make = imc_kernels.HessianOperator if operator is None else operator
     operator = make(model, loss_fn, batch, curvature=curvature, engine=engine)
-    k = min(k, int(operator.dim) - 1)
+    if k >= int(operator.dim):
+        warnings.warn(
+            f"k = {k} top eigenpairs asked of a Hessian of dimension {operator.dim}; using "
+            f"k = {operator.dim - 1}",
+            stacklevel=2,
+        )
+        k = int(operator.dim) - 1
     density = imc_kernels.spectral_density(
         operator, None, n_probes=n_probes, steps=steps, seed=seed, progress=progress
     )

@@ -636,3 +636,13 @@ def test_check_settings_names_unknown_settings():
     imc_mod.check_settings({"k": 8, "c": 2.0, "score": "leverage"})
     with pytest.raises(ValueError, match=r"unknown imc settings \['kk'\]; imc\(\) takes"):
         imc_mod.check_settings({"kk": 3})
+
+
+def test_spectrum_says_when_k_exceeds_the_dimension():
+    model = _tiny_mlp(hidden=3, inputs=2, classes=2)  # 2*3+3 + 3*2+2 = 17 weights
+    batch = _batch(inputs=2, classes=2)
+    with pytest.warns(UserWarning, match="k = 40 top eigenpairs .* dimension 17; using k = 16"):
+        spec = imc_mod.spectrum(model, batch, k=40, n_probes=2, steps=8, tol=1e-10)
+    dense = torch.linalg.eigvalsh(_dense_hessian(model, batch))
+    assert spec.top_eigenvalues.shape == (16,)
+    assert torch.allclose(spec.top_eigenvalues, dense.flip(0)[:16], atol=1e-8)
