@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -169,16 +170,35 @@ def call_model(model: nn.Module, inputs):
 
 
 def resolve_loss(loss_fn: Callable | None, targets: torch.Tensor) -> Callable:
-    """``None`` means cross-entropy for integer targets and MSE for float targets."""
+    """``None`` means cross-entropy for integer targets and MSE for float targets.
+
+    Float targets whose rows are one-hot get MSE too, with a warning: such targets are
+    usually class labels meant for cross-entropy, whose Hessian is a different matrix.
+    """
     if loss_fn is not None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         return loss_fn
     if targets.dtype.is_floating_point:
+        if _one_hot_rows(targets):
+            warnings.warn(
+                "the float targets are one-hot rows, so the default loss for float targets, "
+                "MSE, is used and this is the MSE Hessian; for cross-entropy pass class "
+                "indices (targets.argmax(1)) or loss_fn=nn.CrossEntropyLoss()",
+                stacklevel=3,
+            )
         return nn.MSELoss()
     if targets.dtype == torch.bool or targets.is_complex():
         raise TypeError(f"cannot pick a default loss for targets of dtype {targets.dtype}")
     return nn.CrossEntropyLoss()
+
+
+def _one_hot_rows(targets: torch.Tensor) -> bool:
+    """Whether ``(N, C)`` float targets, ``C >= 2``, hold one 1 and zeros elsewhere per row."""
+    if targets.dim() != 2 or targets.shape[1] < 2 or targets.shape[0] == 0:
+        return False
+    ones = targets == 1
+    return bool(((ones | (targets == 0)).all() & (ones.sum(1) == 1).all()).item())
 
 
 def check_batch_not_empty(targets: torch.Tensor) -> None:

@@ -167,6 +167,20 @@ def test_cross_entropy_ignored_rows_are_not_out_of_range():
     assert torch.isfinite(op @ torch.ones(op.dim)).all()
 
 
+def test_one_hot_float_targets_warn_that_they_get_mse(recwarn):
+    model, (x, y) = _problem()
+    one_hot = nn.functional.one_hot(y, 4).float()
+    with pytest.warns(UserWarning, match=r"one-hot rows.*MSE Hessian.*targets.argmax\(1\)"):
+        op = HessianOperator(model, None, (x, one_hot))
+    mse = HessianOperator(model, nn.MSELoss(), (x, one_hot))
+    v = torch.randn(op.dim)
+    assert torch.equal(op @ v, mse @ v)  # the rule is unchanged: MSE, said out loud
+    recwarn.clear()
+    HessianOperator(model, None, (x, 0.9 * one_hot + 0.025))  # soft labels: no warning
+    HessianOperator(model, nn.MSELoss(), (x, one_hot))  # an explicit loss: no warning
+    assert not [w for w in recwarn if "one-hot" in str(w.message)]
+
+
 def test_mse_targets_of_the_wrong_shape():
     model, (x, _) = _problem()
     with pytest.raises(ValueError, match=r"MSE targets have shape \(6, 3\)"):
