@@ -17,23 +17,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from imc_kernels.hvp._common import is_cross_entropy
+from imc_kernels.linalg.block_lanczos import check_seed as check_seed  # one seed check for both
 from imc_prune.data import DatasetSplits
 
 
 def is_int(value) -> bool:
     """An integer that is not a bool (numpy integers included)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def check_seed(seed) -> int:
-    """``seed`` as an int.
-
-    Raises:
-        TypeError: not an int (a float would be truncated, a string fails inside torch).
-    """
-    if not is_int(seed):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    return int(seed)
 
 
 def check_positive_int(value, name: str, *, allow_zero: bool = False) -> int:

@@ -120,7 +120,6 @@ def run_parallel(
     data_root,
     imp_dir,
     on_result: Callable[[dict], None],
-    on_start: Callable[[int], None] | None = None,
 ) -> None:
     """Run the groups on ``len(devices)`` spawned workers; ``on_result(record_dict)`` is
     called in the parent for each finished run, in the order they finish.
@@ -159,8 +158,6 @@ def run_parallel(
             )
             process.start()
             processes.append(process)
-        if on_start is not None:
-            on_start(n_workers)
         received = 0
         while received < expected:
             try:

@@ -48,7 +48,7 @@ from torch import nn
 
 import imc_kernels
 from imc_kernels.hvp._common import resolve_loss
-from imc_prune._checks import check_class_targets, check_seed, forward
+from imc_prune._checks import check_class_targets, check_seed, forward, is_int
 from imc_prune.masks import (
     check_granularity,
     check_masks,
@@ -497,7 +497,7 @@ def synflow(
         20
     """
     sparsity = check_sparsity(sparsity)
-    if not _is_int(iterations) or iterations < 1:
+    if not is_int(iterations) or iterations < 1:
         raise ValueError(f"iterations must be a positive int, got {iterations!r}")
     input_shape = _check_input_shape(input_shape)
     _check_structure(model, granularity, block_size, sparsity)
@@ -569,7 +569,7 @@ def _check_input_shape(input_shape) -> tuple:
     if (
         not isinstance(input_shape, (tuple, list))
         or not input_shape
-        or not all(_is_int(n) and n >= 1 for n in input_shape)
+        or not all(is_int(n) and n >= 1 for n in input_shape)
     ):
         raise ValueError(
             f"input_shape must be the shape of one input without the batch dimension, a "
@@ -792,7 +792,7 @@ def imp(
             "there are no rounds of 20 % to take; use one_shot_magnitude(granularity='2:4')"
         )
     _check_structure(model, granularity, block_size, sparsity)
-    if not _is_int(rewind_step) or rewind_step < 0:
+    if not is_int(rewind_step) or rewind_step < 0:
         raise ValueError(f"rewind_step must be an int >= 0, got {rewind_step!r}")
     kwargs, user_callback = _check_train_kwargs(train_kwargs, data, rewind_step)
     work = copy.deepcopy(model)
@@ -853,10 +853,6 @@ def imp(
 # Helpers
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_structure(model: nn.Module, granularity: str, block_size, sparsity: float) -> None:
     """The masks' structure against the model's weights, before any score or training."""
     check_granularity(
@@ -877,7 +873,7 @@ def _check_rewind(rewind) -> int | None:
         return 0
     if rewind is None or rewind == "trained":
         return None
-    if _is_int(rewind) and rewind >= 0:
+    if is_int(rewind) and rewind >= 0:
         return int(rewind)
     raise ValueError(f"rewind must be 'init', 'trained', None or an int step >= 0, got {rewind!r}")
 

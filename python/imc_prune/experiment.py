@@ -86,7 +86,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from imc_prune import _parallel, baselines, report
-from imc_prune._checks import check_positive_int, is_int
+from imc_prune._checks import check_positive_int, check_seed, is_int
 from imc_prune.data import DATASET_NAMES, DatasetSplits, iterate_batches, load_dataset
 from imc_prune.masks import (
     SCOPES,
@@ -317,20 +317,13 @@ class RunSpec:
                 raise ValueError(f"imc setting {key!r} comes from the spec, not from imc=")
         self.method = method
         self.remaining = _check_remaining(self.remaining, method)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
-            raise TypeError(f"seed must be an int, got {self.seed!r}")
-        self.seed = int(self.seed)
+        self.seed = check_seed(self.seed)
         for key in _TRAIN_PER_RUN:
             if key in self.train:
                 raise ValueError(f"train setting {key!r} is not part of a spec; it is set per run")
         self._check_train()
-        unknown = sorted(set(self.imc) - set(imc_module.SETTINGS))
-        if unknown:
-            raise ValueError(
-                f"unknown imc settings {unknown}; imc() takes {', '.join(imc_module.SETTINGS)}"
-            )
         try:
-            imc_module.check_settings(self.imc)
+            imc_module.check_settings(self.imc)  # names and ranges
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"imc settings: {exc}") from None
         unknown = set(self.baseline) - set(BASELINE_DEFAULTS)
@@ -345,9 +338,7 @@ class RunSpec:
                 raise ValueError(f"baseline setting {key!r} {problem}, got {value!r}")
         for name in ("train_subset", "test_subset"):
             value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1
-            ):
+            if value is not None and not (is_int(value) and value >= 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         for settings in (self.imc, self.baseline):
             check_granularity(settings.get("granularity", "element"), settings.get("block_size"))

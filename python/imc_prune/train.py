@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from imc_kernels.masked import MaskedAdam, MaskedAdamW, MaskedSGD
-from imc_prune._checks import check_class_targets, forward
+from imc_prune._checks import check_class_targets, check_seed, forward, is_int
 from imc_prune.data import iterate_batches
 from imc_prune.masks import check_masks
 
@@ -178,7 +178,7 @@ def resolve_config(
         raise ValueError("say how long to train: give epochs= or steps= (or a preset)")
     for key in ("batch_size", "epochs", "steps"):
         value = config[key]
-        if value is not None and (not _is_int(value) or value < 1):
+        if value is not None and (not is_int(value) or value < 1):
             raise ValueError(f"{key} must be a positive int, got {value!r}")
     for key in ("lr", "momentum", "weight_decay"):
         value = config[key]
@@ -187,15 +187,11 @@ def resolve_config(
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{key} must be finite and >= 0, got {value}")
     milestones = tuple(config["lr_milestones"])
-    if not all(_is_int(m) and m >= 1 for m in milestones):
+    if not all(is_int(m) and m >= 1 for m in milestones):
         raise ValueError(f"lr_milestones must be positive step counts, got {milestones!r}")
     config["lr_milestones"] = milestones
     config["preset"] = preset
     return config
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def planned_steps(config: Mapping, n_train: int) -> int:
@@ -301,9 +297,8 @@ def train(
         steps=steps,
         lr_milestones=lr_milestones,
     )
-    if not _is_int(seed):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    if not _is_int(eval_batch_size) or eval_batch_size < 1:
+    seed = check_seed(seed)
+    if not is_int(eval_batch_size) or eval_batch_size < 1:
         raise ValueError(f"eval_batch_size must be a positive int, got {eval_batch_size!r}")
     n_train = len(data.train)
     if n_train == 0:
