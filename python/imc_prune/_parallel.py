@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from imc_prune._checks import resolve_device
+
 # Methods whose runs are rounds of one IMP trajectory.
 TRAJECTORY_METHODS = ("dense", "oneshot", "imp")
 # How often the parent looks at its workers while it waits for a result (seconds).
@@ -85,10 +87,8 @@ def worker_devices(device, devices: Sequence | None, workers: int) -> list[torch
 
     Raises:
         ValueError: an empty ``devices``, a device name torch does not know, or a CUDA
-            device that is not there (from :func:`imc_prune.experiment.resolve_device`).
+            device that is not there (from :func:`imc_prune._checks.resolve_device`).
     """
-    from imc_prune.experiment import resolve_device
-
     if devices is not None:
         if isinstance(devices, (str, torch.device)) or len(devices) == 0:
             raise ValueError(f"devices must be a non-empty list of devices, got {devices!r}")

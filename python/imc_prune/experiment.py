@@ -86,7 +86,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from imc_prune import _parallel, baselines, report
-from imc_prune._checks import check_positive_int, check_seed, is_int
+from imc_prune._checks import check_positive_int, check_seed, is_int, resolve_device
 from imc_prune.data import DATASET_NAMES, DatasetSplits, iterate_batches, load_dataset
 from imc_prune.masks import (
     SCOPES,
@@ -1065,32 +1065,6 @@ def _environment(device) -> dict[str, Any]:
         "python": platform.python_version(),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def resolve_device(device) -> torch.device:
-    """``device`` as a ``torch.device`` (None or ``"auto"``: CUDA when available).
-
-    Raises:
-        ValueError: a name torch does not know, or a CUDA device that is not there (instead
-            of torch's assertion deep inside the first allocation).
-    """
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"{device!r} is not a device ({exc})") from None
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            build = " (a CPU-only build)" if torch.version.cuda is None else ""
-            raise ValueError(
-                f"device {resolved} asked for, but torch {torch.__version__}{build} sees no "
-                "CUDA device; use cpu, or auto to take CUDA when there is one"
-            )
-        if resolved.index is not None and resolved.index >= count:
-            raise ValueError(f"device {resolved} asked for, but torch sees {count} CUDA device(s)")
-    return resolved
 
 
 def run_one(

@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from imc_kernels.masked import MaskedAdam, MaskedAdamW, MaskedSGD
-from imc_prune._checks import check_class_targets, check_seed, forward, is_int
+from imc_prune._checks import check_class_targets, check_seed, forward, is_int, resolve_device
 from imc_prune.data import iterate_batches
 from imc_prune.masks import check_masks
 
@@ -252,7 +252,7 @@ def train(
         preset: a name from :data:`PRESETS`; explicit arguments override it.
         seed: seeds the batch order and dropout.
         device: where to train (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` or a
-            ``torch.device``, checked by :func:`imc_prune.experiment.resolve_device`); None
+            ``torch.device``, checked by :func:`imc_prune._checks.resolve_device`); None
             keeps the model's device.
         progress: show a tqdm bar over the steps.
         eval_batch_size: batch size of the per-epoch test evaluation.
@@ -304,7 +304,7 @@ def train(
     if n_train == 0:
         raise ValueError("the training set is empty")
     if device is not None:
-        model.to(_resolve_device(device))
+        model.to(resolve_device(device))
     device = _model_device(model)
     masks = {} if masks is None else masks
     if not isinstance(masks, Mapping):
@@ -420,13 +420,6 @@ def _first_forward(model: nn.Module, inputs, targets, data) -> torch.Tensor:
     return logits
 
 
-def _resolve_device(device) -> torch.device:
-    # experiment imports this module: its device check is imported when it is needed.
-    from imc_prune.experiment import resolve_device
-
-    return resolve_device(device)
-
-
 def _model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
@@ -480,7 +473,7 @@ def evaluate(
     n = len(dataset)
     if n == 0:
         raise ValueError("cannot evaluate on an empty dataset")
-    device = _model_device(model) if device is None else _resolve_device(device)
+    device = _model_device(model) if device is None else resolve_device(device)
     previous = [(module, module.training) for module in model.modules()]
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
