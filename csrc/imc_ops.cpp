@@ -226,6 +226,36 @@ void lanczos_vector_check_inputs(const at::Tensor& rows, int64_t filled, int64_t
   }
 }
 
+// Entry checks of ritz_vectors (its CPU kernel is csrc/lanczos/ritz_cpu.cpp). Python's
+// imc_kernels.ops.ritz_vectors checks the same conditions first and raises ValueError/TypeError.
+void ritz_vectors_check_inputs(const at::Tensor& basis, const std::optional<at::Tensor>& products,
+                               const at::Tensor& s, const at::Tensor& theta) {
+  TORCH_CHECK(basis.dim() == 2, "imc_kernels::ritz_vectors needs a 2-D basis (n, m), got ",
+              basis.dim(), "-D");
+  TORCH_CHECK(basis.scalar_type() == at::kFloat || basis.scalar_type() == at::kDouble,
+              "imc_kernels::ritz_vectors takes a float32 or float64 basis, got ",
+              basis.scalar_type());
+  TORCH_CHECK(basis.device().is_cpu(), "imc_kernels::ritz_vectors runs on the CPU, got a basis on ",
+              basis.device());
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == basis.size(1) && s.scalar_type() == at::kDouble &&
+                  s.device().is_cpu(),
+              "imc_kernels::ritz_vectors needs s (m, k) = (", basis.size(1),
+              ", k) float64 on the CPU, got sizes ", s.sizes(), " ", s.scalar_type(), " on ",
+              s.device());
+  TORCH_CHECK(theta.dim() == 1 && theta.size(0) == s.size(1) &&
+                  theta.scalar_type() == at::kDouble && theta.device().is_cpu(),
+              "imc_kernels::ritz_vectors needs theta (k,) = (", s.size(1),
+              ",) float64 on the CPU, got sizes ", theta.sizes(), " ", theta.scalar_type());
+  if (products.has_value()) {
+    const at::Tensor& p = *products;
+    TORCH_CHECK(p.dim() == 2 && p.sizes() == basis.sizes() &&
+                    p.scalar_type() == basis.scalar_type() && p.device() == basis.device(),
+                "imc_kernels::ritz_vectors needs products like the basis (", basis.sizes(), " ",
+                basis.scalar_type(), "), got ", p.sizes(), " ", p.scalar_type(), " on ",
+                p.device());
+  }
+}
+
 // Entry checks of gemm_out (its CPU kernel is csrc/gemm/gemm_cpu.cpp). Python's
 // imc_kernels.ops.gemm checks the same conditions first and raises ValueError/TypeError.
 void gemm_check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
@@ -297,6 +327,12 @@ TORCH_LIBRARY(imc_kernels, m) {
       "lanczos_vector_step(Tensor(a!) rows, int filled, int local, Tensor(b!) w, "
       "Tensor(c!)? product_out, float tau, bool auto_second_projection) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // The Ritz vectors of a finished solve and their residuals from the stored products (CPU):
+  // basis V (n, m) and products P = H V (n, m), any strides, s (m, k) and theta (k,) float64.
+  // Returns X = V S (n, k) contiguous in the basis dtype and, with products, the squared norms
+  // ||P s_i - theta_i x_i||^2 (k,) float64 (else an empty tensor). S and theta are rounded to
+  // the working dtype once; X and P S accumulate in it, the squares in fp64, deterministically.
+  m.def("ritz_vectors(Tensor basis, Tensor? products, Tensor s, Tensor theta) -> (Tensor, Tensor)");
   // out = a @ b + beta * out (beta = 0 ignores out's contents), a (m, k), b (k, n), 2-D. On
   // the CPU, float32 runs through torch's oneDNN matmul where libtorch exports it (faster than
   // MKL's sgemm on AMD processors), everything else through at::mm_out / addmm_out.

@@ -191,6 +191,14 @@ def _register_fakes(torch) -> None:
             w.new_empty((2,), dtype=f64),
         )
 
+    def ritz_vectors_fake(basis, products, s, theta):
+        torch._check(basis.dim() == 2, lambda: "ritz_vectors needs a 2-D basis")
+        width = s.shape[1] if products is not None else 0
+        return (
+            basis.new_empty((basis.shape[0], s.shape[1])),
+            basis.new_empty((width,), dtype=torch.float64),
+        )
+
     def gemm_out_fake(a, b, beta, out):
         torch._check(a.dim() == 2 and b.dim() == 2, lambda: "gemm_out needs 2-D a and b")
         torch._check(a.shape[1] == b.shape[0], lambda: "gemm_out: shapes do not chain")
@@ -199,6 +207,7 @@ def _register_fakes(torch) -> None:
         "tsmm_xty": tsmm_xty_fake,
         "block_orth_step": block_orth_step_fake,
         "lanczos_vector_step": lanczos_vector_step_fake,
+        "ritz_vectors": ritz_vectors_fake,
         "gemm_out": gemm_out_fake,
     }
     for name, fake in fakes.items():

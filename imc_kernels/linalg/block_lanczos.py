@@ -885,6 +885,8 @@ class _BlockKrylovSchur:
         try:
             while True:
                 self._fill()
+                if self._too_few_to_check():
+                    continue
                 theta, s_active, bounds, coupling, order, n_converged = self._rayleigh_ritz()
                 stop = False
                 if self.callback is not None:
@@ -909,6 +911,13 @@ class _BlockKrylovSchur:
         finally:
             if self.pbar is not None:
                 self.pbar.close()
+
+    def _too_few_to_check(self) -> bool:
+        """Skip a convergence check that cannot succeed: fewer Ritz values than ``k`` (the
+        wanted prefix cannot be complete) while the basis and the budget still have room and
+        no callback wants to see the cycle. MLP k = 10: 9 of 21 checks, ~3 ms of a 0.23 s
+        solve."""
+        return self.callback is None and self.filled < self.k and self.can_expand()
 
     def _needs_verification(self, theta: np.ndarray, order: np.ndarray) -> bool:
         """Could a multiple eigenvalue hide copies the block Krylov space cannot see?
@@ -956,12 +965,24 @@ class _BlockKrylovSchur:
     def _finish(self, theta, s_active, bounds, order) -> LanczosResult:
         op, k = self.op, self.k
         wanted = order[:k]
-        s = self._ritz_vectors(s_active, wanted).to(device=op.device, dtype=op.dtype)
-        vectors = gemm(self.basis[:, : self.filled], s)
+        s64 = self._ritz_vectors(s_active, wanted)
         values = torch.from_numpy(theta[wanted].copy())
-        if self.products_t is not None:
-            residuals = _stored_residuals(self.products_t[: self.filled], s, vectors, values)
+        products = None if self.products_t is None else self.products_t[: self.filled]
+        residuals = None
+        if op.device.type == "cpu":
+            # One pass over V and H V for X = V S and ||(H V) s_i - theta_i x_i|| (the
+            # ritz_vectors op): MLP k = 10, 10 -> 3 ms against a GEMM and chunked residuals.
+            vectors, squares = ops.ritz_vectors(
+                self.basis[:, : self.filled], None if products is None else products.T, s64, values
+            )
+            if products is not None:
+                residuals = squares.sqrt()
         else:
+            s = s64.to(device=op.device, dtype=op.dtype)
+            vectors = gemm(self.basis[:, : self.filled], s)
+            if products is not None:
+                residuals = _stored_residuals(products, s, vectors, values)
+        if residuals is None:
             residuals = _true_residuals(op, vectors, values, self)
         scale = self.h_norm if self.h_norm > 0 else 1.0
         device = op.device

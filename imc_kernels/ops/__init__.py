@@ -20,6 +20,7 @@ from imc_kernels.reference import cross_entropy as _ref_cross_entropy
 from imc_kernels.reference import gemm as _ref_gemm
 from imc_kernels.reference import lanczos_vector as _ref_lanczos_vector
 from imc_kernels.reference import masked_optim as _ref_masked_optim
+from imc_kernels.reference import ritz as _ref_ritz
 from imc_kernels.reference import tsmm as _ref_tsmm
 
 ACTIVATIONS = _ref_activation.ACTIVATIONS
@@ -536,6 +537,36 @@ def lanczos_vector_step(
     if backend == "cext":
         return torch.ops.imc_kernels.lanczos_vector_step(*args)
     return _ref_lanczos_vector.lanczos_vector_step(*args)
+
+
+def ritz_vectors(
+    basis: torch.Tensor,
+    products: torch.Tensor | None,
+    s: torch.Tensor,
+    theta: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Ritz vectors ``X = V S`` of a finished solve and, from the stored products
+    ``P = H V``, the squared residual norms ``||P s_i - theta_i x_i||^2``, in one pass.
+
+    Args:
+        basis: ``V``, ``(n, m)``, float32 or float64, any strides (row- or column-major).
+        products: ``P``, shaped and typed like ``basis``, or None (then no residuals).
+        s: ``(m, k)`` float64 Ritz coefficients.
+        theta: ``(k,)`` float64 Ritz values.
+
+    Returns:
+        ``(X, squares)``: ``(n, k)`` contiguous in the basis dtype, and ``(k,)`` float64
+        (empty without ``products``). The math is :mod:`imc_kernels.reference.ritz`, the op's
+        twin; the compiled kernel runs on the CPU (elsewhere the twin, two GEMMs).
+    """
+    _ref_ritz.check_inputs(basis, products, s, theta)
+    available = ("cext", "reference") if basis.device.type == "cpu" else ("reference",)
+    backend = _dispatch.select(
+        "ritz", basis.device, basis.dtype, available=available, cext_op="ritz_vectors"
+    )
+    if backend == "cext":
+        return torch.ops.imc_kernels.ritz_vectors(basis, products, s.cpu(), theta.cpu())
+    return _ref_ritz.ritz_vectors(basis, products, s, theta)
 
 
 # --- Block-sparse linear products (ops/block_sparse.py, reference/block_sparse.py) -----------

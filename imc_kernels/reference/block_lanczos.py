@@ -35,7 +35,7 @@ from imc_kernels.linalg.block_lanczos import block_lanczos as _extension_block_l
 
 # The op families (the names imc_kernels.ops passes to _dispatch.select) the solver calls;
 # tests/linalg/test_reference_solver.py checks that no compiled op runs inside the twin.
-SOLVER_OPS = ("tsmm", "block_orth", "lanczos_vector", "gemm")
+SOLVER_OPS = ("tsmm", "block_orth", "lanczos_vector", "ritz", "gemm")
 
 
 def block_lanczos(
