@@ -108,6 +108,7 @@ IMC_ALWAYS_INLINE void subtract_group(const scalar_t* v, int64_t ldv, const scal
     vec_t acc;
     __builtin_memcpy(&acc, src + r, sizeof(vec_t));
     for (int64_t q = 0; q < kRows; ++q) {
+      __builtin_prefetch(v + q * ldv + r + 1024 / sizeof(scalar_t));
       vec_t x;
       __builtin_memcpy(&x, v + q * ldv + r, sizeof(vec_t));
       acc -= c[q] * x;

@@ -340,9 +340,9 @@ class FusedEngine:
         try:
             return self._matmat(tangents, b)
         finally:
-            if destinations is not None:
-                for rule in self.rules:
-                    rule.destinations = None
+            for rule in self.rules:
+                rule.forget_tangents()
+                rule.destinations = None
 
     def _matmat(self, tangents: list[torch.Tensor], b: int) -> list[torch.Tensor]:
         with torch.no_grad():

@@ -135,3 +135,27 @@ def test_disabled_cache_keeps_nothing(matrix, monkeypatch):
     buffers.set_cache_limit(None)  # re-read the environment
     block_lanczos(matrix, DIM, 4)
     assert buffers.cached_bytes() == 0
+
+
+def test_a_hessian_solve_gives_back_its_basis():
+    """The operator's products keep no view of the basis: both the basis and the stored
+    products come back to the cache (the fused engine's rules once kept their last tangents,
+    views of a basis row, and the basis was reallocated by every solve)."""
+    from torch import nn
+
+    from imc_kernels import HessianOperator, top_eigvecs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    batch = (torch.randn(64, 12), torch.randint(0, 4, (64,)))
+    operator = HessianOperator(model, None, batch, engine="fused")
+    for options in ({"block_size": 1}, {"block_size": 2}):
+        buffers.empty_cache()
+        block_lanczos(operator, operator.dim, 3, seed=1, **options)
+        sizes = sorted(t.numel() for t in buffers._free)
+        assert len(sizes) == 2, sizes  # the basis and the stored products
+        taken = list(buffers._free)
+        top_eigvecs(operator, None, 3, block_size=options["block_size"])
+        # The second solve took both buffers and gave both back.
+        pointers = {t.data_ptr() for t in buffers._free}
+        assert pointers == {t.data_ptr() for t in taken}
