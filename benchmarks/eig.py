@@ -564,6 +564,7 @@ class Settings:
     max_run_s: float
     repeat_below_s: float  # runs faster than this are timed again (median of 3)
     max_scan: int  # settings tried beyond the defaults, per method and k
+    h2h_rounds: int  # interleaved rounds of ours against the fastest right peer (0: none)
 
 
 FULL = Settings(
@@ -574,6 +575,7 @@ FULL = Settings(
     max_run_s=100.0,
     repeat_below_s=10.0,
     max_scan=40,
+    h2h_rounds=5,
 )
 QUICK = Settings(
     quick=True,
@@ -583,6 +585,7 @@ QUICK = Settings(
     max_run_s=3.0,
     repeat_below_s=0.0,
     max_scan=3,
+    h2h_rounds=0,
 )
 
 
@@ -723,6 +726,65 @@ def run_model(name: str, args, settings: Settings, dataset, report: Report) -> N
                     break  # the later settings cost more
                 if row.get("reaches"):
                     break
+        head_to_head(problem, k, report, settings, sync)
+
+
+def fastest_right_peer(rows: list[dict]) -> dict | None:
+    """The quickest peer row that reached ours' residual with right eigenvalues, or None."""
+    right = [r for r in rows if r["method"] != "ours" and r.get("reaches") and r.get("right")]
+    return min(right, key=lambda r: r["time_s"]) if right else None
+
+
+def head_to_head(problem: Problem, k: int, report: Report, settings: Settings, sync) -> None:
+    """Ours against the fastest right peer, interleaved: ``h2h_rounds`` rounds of one run
+    each, the order alternating from round to round, the ratio peer / ours taken per round.
+    The rows above time each method in a block of its own; on a shared machine whose speed
+    drifts by ~10 % over a minute, that block timing moves their ratio by as much, while
+    neighbouring runs see the same machine. Recorded on ours' row (``h2h_*``)."""
+    rows = [r for r in report.rows if r["model"] == problem.name and r["k"] == k]
+    ours = next((r for r in rows if r["method"] == "ours" and r["status"] == "ok"), None)
+    peer = fastest_right_peer(rows)
+    rounds = settings.h2h_rounds
+    if ours is None or peer is None or rounds <= 0:
+        return
+    if rounds * (ours["time_s"] + peer["time_s"]) > 4 * settings.max_run_s:
+        cap = 4 * settings.max_run_s
+        report.note(f"{problem.name} k={k}: head-to-head skipped (over {cap:g} s)")
+        return
+    setting = next(
+        entry[1] for entry in settings_for(peer["method"], k) if entry[0] == peer["setting"]
+    )
+
+    def once(method, chosen):
+        counter = Counter(settings.max_hvps, settings.max_run_s)
+        sync()
+        start = time.perf_counter()
+        RUNNERS[method](problem, k, chosen, counter)
+        sync()
+        return time.perf_counter() - start
+
+    ratios = []
+    for index in range(rounds):
+        if index % 2 == 0:
+            ours_s = once("ours", {})
+            peer_s = once(peer["method"], setting)
+        else:
+            peer_s = once(peer["method"], setting)
+            ours_s = once("ours", {})
+        ratios.append(peer_s / ours_s)
+    ratios.sort()
+    ours.update(
+        h2h_peer=f"{peer['method']} ({peer['setting']})",
+        h2h_rounds=rounds,
+        h2h_ratio=ratios[len(ratios) // 2],
+        h2h_ratio_min=ratios[0],
+        h2h_ratio_max=ratios[-1],
+    )
+    print(
+        f"  {problem.name} k={k} head-to-head with {ours['h2h_peer']}, {rounds} interleaved "
+        f"rounds: peer / ours median {ours['h2h_ratio']:.2f} [{ratios[0]:.2f}, {ratios[-1]:.2f}]",
+        flush=True,
+    )
 
 
 TABLE_COLUMNS = [
@@ -771,7 +833,7 @@ def target_lines(report: Report) -> list[str]:
         if ours is None:
             continue
         reached = [r for r in rows if r["method"] != "ours" and r.get("reaches")]
-        right = [r for r in reached if r.get("right")]
+        right = fastest_right_peer(rows) is not None
         text = (
             f"{model} k={k}: ours {ours['time_s']:.2f} s, {ours['hvps']} HVPs, res "
             f"{ours['res']:.1e}, err {ours['err']:.1e}."
@@ -784,11 +846,17 @@ def target_lines(report: Report) -> list[str]:
                 f" -> ours {'<=' if ours['hvps'] <= fewest['hvps'] else '>'} peers."
             )
         if right:
-            fastest = min(right, key=lambda r: r["time_s"])
+            fastest = fastest_right_peer(rows)
             text += (
                 f" Fastest right peer reaching it: {fastest['method']} ({fastest['setting']}) "
                 f"{fastest['time_s']:.2f} s = {fastest['time_s'] / ours['time_s']:.1f}x ours."
             )
+            if "h2h_ratio" in ours:
+                text += (
+                    f" Interleaved head-to-head ({ours['h2h_rounds']} rounds, alternating "
+                    f"order): {ours['h2h_ratio']:.2f}x ours (per-round range "
+                    f"{ours['h2h_ratio_min']:.2f}-{ours['h2h_ratio_max']:.2f})."
+                )
         if not reached:
             text += " No peer reached that residual within the caps."
         lines.append(text)
@@ -858,7 +926,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--max-hvps", type=int, help="stop a run past this many HVPs")
     parser.add_argument("--max-run-s", type=float, help="stop a run past this many seconds")
+    parser.add_argument(
+        "--h2h-rounds",
+        type=int,
+        help="interleaved rounds of ours against the fastest right peer (default 5; --quick 0)",
+    )
     args = parser.parse_args(argv)
+    if args.h2h_rounds is not None and args.h2h_rounds < 0:
+        parser.error(f"--h2h-rounds must be >= 0, got {args.h2h_rounds}")
     chosen = args.models or ",".join(QUICK_MODELS if args.quick else DEFAULT_MODELS)
     args.models = harness.parse_list(chosen, list(models.MODELS), "model")
     args.methods = harness.parse_list(args.methods, METHODS, "method")
@@ -876,6 +951,7 @@ def main(argv=None) -> int:
         settings,
         max_hvps=args.max_hvps or settings.max_hvps,
         max_run_s=args.max_run_s or settings.max_run_s,
+        h2h_rounds=settings.h2h_rounds if args.h2h_rounds is None else args.h2h_rounds,
     )
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -445,3 +445,63 @@ def test_hvp_script_skips_block_sizes_past_the_call_limit(capsys):
     assert hvp.main(argv) == 0
     out = capsys.readouterr().out
     assert "mlp_lenet jvp_grad (hessian) b=2: skipped -- " in out
+
+
+# --------------------------------------------------------------------------------------
+# eig.py: the interleaved head-to-head
+
+
+def test_eig_head_to_head_interleaves_and_takes_per_round_ratios(monkeypatch):
+    """Ours and the fastest right peer alternate (order flipped each round), and the recorded
+    ratio is the median of per-round peer / ours times; a slower or not-right peer is not
+    the one compared."""
+    from benchmarks import eig
+
+    calls = []
+    # Each method's time doubles every round: block timing would see a drifting machine,
+    # per-round ratios do not.
+    clock = {"round": 0}
+
+    def runner(name, seconds):
+        def run(problem, k, setting, counter):
+            calls.append((name, setting))
+            time.sleep(seconds * (1 + 0.5 * clock["round"]) / 200)
+            if name == "peer_fast":
+                clock["round"] += 1
+
+        return run
+
+    monkeypatch.setattr(
+        eig,
+        "RUNNERS",
+        {
+            "ours": runner("ours", 1.0),
+            "peer_fast": runner("peer_fast", 3.0),
+            "peer_slow": runner("peer_slow", 9.0),
+        },
+    )
+    monkeypatch.setattr(eig, "settings_for", lambda method, k: [("default", {"knob": method}, 0.0)])
+    problem = type("P", (), {"name": "m"})()
+    report = eig.Report()
+    common = {"model": "m", "k": 4, "status": "ok", "setting": "default", "hvps": 9}
+    common.update(res=1e-5, err=1e-7)
+    report.rows = [
+        {**common, "method": "ours", "time_s": 0.005, "right": True, "reaches": True},
+        {**common, "method": "peer_fast", "time_s": 0.015, "right": True, "reaches": True},
+        {**common, "method": "peer_wrong", "time_s": 0.001, "right": False, "reaches": True},
+        {**common, "method": "peer_slow", "time_s": 0.045, "right": True, "reaches": True},
+    ]
+    settings = eig.dataclasses.replace(eig.FULL, h2h_rounds=4)
+    eig.head_to_head(problem, 4, report, settings, lambda: None)
+    order = [name for name, _ in calls]
+    assert order == ["ours", "peer_fast", "peer_fast", "ours"] * 2
+    assert all(setting == {"knob": "peer_fast"} for name, setting in calls if name != "ours")
+    ours = report.rows[0]
+    assert ours["h2h_rounds"] == 4 and ours["h2h_peer"] == "peer_fast (default)"
+    assert 2.0 < ours["h2h_ratio_min"] <= ours["h2h_ratio"] <= ours["h2h_ratio_max"] < 4.5
+    assert any("Interleaved head-to-head (4 rounds" in line for line in eig.target_lines(report))
+    # No right peer: nothing to compare.
+    report.rows = [r for r in report.rows if r["method"] in ("ours", "peer_wrong")]
+    del report.rows[0]["h2h_ratio"]
+    eig.head_to_head(problem, 4, report, settings, lambda: None)
+    assert "h2h_ratio" not in report.rows[0]
