@@ -84,11 +84,7 @@ IMC_ALWAYS_INLINE void subtract_group_scalar(const scalar_t* v, int64_t ldv,
 }
 
 #if defined(__GNUC__)
-template <typename scalar_t>
-struct Vec64 {
-  typedef scalar_t type __attribute__((vector_size(64)));
-  static constexpr int64_t lanes = 64 / sizeof(scalar_t);
-};
+using tsmm_cpu::Vec64;
 
 // The same with GCC/Clang vector types (64-byte vectors, one AVX-512 register): the scalar
 // form with an array of row pointers was not vectorized and ran at half the speed of the dot

@@ -51,28 +51,16 @@ namespace ritz_cpu {
 
 using tsmm_cpu::RowChunks;
 using tsmm_cpu::run_row_chunks;
+using tsmm_cpu::Vec64;
 
 // Rows per register tile: four independent accumulator chains per operand hide the latency of
 // the multiply-adds, and each padded row of S, loaded once, serves all four.
 constexpr int64_t kTileRows = 4;
 
-template <typename scalar_t>
-struct Lanes {
-  static constexpr int64_t count = 64 / sizeof(scalar_t);  // one 512-bit register
-};
-
 struct Strided {
   int64_t row;     // stride between rows r (n of them)
   int64_t column;  // stride between basis columns q (m of them)
 };
-
-#if defined(__GNUC__)
-// (A typedef in a class template: GCC drops the attribute on a dependent alias template.)
-template <typename scalar_t>
-struct Vec64 {
-  typedef scalar_t type __attribute__((vector_size(64)));
-};
-#endif
 
 // One group of columns [c0, c0 + width) of X over rows [begin, end): x rows stored into
 // `out` (row stride k), residual squares added to `squares` (width entries, fp64).
@@ -82,11 +70,10 @@ inline __attribute__((always_inline)) void group_rows(
     const scalar_t* v, Strided vs, const scalar_t* p, Strided ps, int64_t m,
     const scalar_t* s_group, const scalar_t* theta_group, int64_t width, scalar_t* out,
     int64_t k, int64_t begin, int64_t end, double* squares) {
-  constexpr int64_t lanes = Lanes<scalar_t>::count;
+  constexpr int64_t lanes = Vec64<scalar_t>::lanes;
   double sq[lanes] = {};
 #if defined(__GNUC__)
   using V = typename Vec64<scalar_t>::type;
-  static_assert(sizeof(V) == 64, "one 512-bit vector");
   V theta_vec;
   std::memcpy(&theta_vec, theta_group, sizeof(V));
   int64_t r = begin;
@@ -162,7 +149,7 @@ inline __attribute__((always_inline)) void lane_rows(
     const scalar_t* s_cols, int64_t lds, const scalar_t* theta_cols, int64_t width,
     scalar_t* out, int64_t k, int64_t begin, int64_t end, double* squares) {
   using V = typename Vec64<scalar_t>::type;
-  constexpr int64_t lanes = Lanes<scalar_t>::count;
+  constexpr int64_t lanes = Vec64<scalar_t>::lanes;
   constexpr int64_t ahead = kAheadLines * lanes;
   double sq[kWidth][lanes] = {};
   int64_t r = begin;
@@ -238,7 +225,7 @@ inline __attribute__((always_inline)) void lane_rows(
 
 // The columns of X in sweeps of 12, 8 or 4 (S padded with zeros to the sweep's width).
 template <typename scalar_t, bool kHasP>
-inline __attribute__((always_inline)) void lane_chunk(
+inline __attribute__((always_inline)) void lane_sweeps(
     const scalar_t* v, int64_t ldv, const scalar_t* p, int64_t ldp, int64_t m, int64_t k,
     const scalar_t* s_cols, int64_t lds, const scalar_t* theta_cols, scalar_t* out,
     int64_t begin, int64_t end, double* squares) {
@@ -261,30 +248,32 @@ inline __attribute__((always_inline)) void lane_chunk(
   }
 }
 
+template <typename scalar_t>
+inline __attribute__((always_inline)) void lane_chunk_impl(
+    const scalar_t* v, int64_t ldv, const scalar_t* p, int64_t ldp, int64_t m, int64_t k,
+    const scalar_t* s_cols, int64_t lds, const scalar_t* theta_cols, scalar_t* out,
+    int64_t begin, int64_t end, double* squares) {
+  if (p != nullptr) {
+    lane_sweeps<scalar_t, true>(v, ldv, p, ldp, m, k, s_cols, lds, theta_cols, out, begin, end,
+                                squares);
+  } else {
+    lane_sweeps<scalar_t, false>(v, ldv, p, ldp, m, k, s_cols, lds, theta_cols, out, begin,
+                                 end, squares);
+  }
+}
+
 IMC_MULTIVERSION
 void lane_chunk(const float* v, int64_t ldv, const float* p, int64_t ldp, int64_t m, int64_t k,
                 const float* s_cols, int64_t lds, const float* theta_cols, float* out,
                 int64_t begin, int64_t end, double* squares) {
-  if (p != nullptr) {
-    lane_chunk<float, true>(v, ldv, p, ldp, m, k, s_cols, lds, theta_cols, out, begin, end,
-                            squares);
-  } else {
-    lane_chunk<float, false>(v, ldv, p, ldp, m, k, s_cols, lds, theta_cols, out, begin, end,
-                             squares);
-  }
+  lane_chunk_impl(v, ldv, p, ldp, m, k, s_cols, lds, theta_cols, out, begin, end, squares);
 }
 
 IMC_MULTIVERSION
 void lane_chunk(const double* v, int64_t ldv, const double* p, int64_t ldp, int64_t m,
                 int64_t k, const double* s_cols, int64_t lds, const double* theta_cols,
                 double* out, int64_t begin, int64_t end, double* squares) {
-  if (p != nullptr) {
-    lane_chunk<double, true>(v, ldv, p, ldp, m, k, s_cols, lds, theta_cols, out, begin, end,
-                             squares);
-  } else {
-    lane_chunk<double, false>(v, ldv, p, ldp, m, k, s_cols, lds, theta_cols, out, begin, end,
-                              squares);
-  }
+  lane_chunk_impl(v, ldv, p, ldp, m, k, s_cols, lds, theta_cols, out, begin, end, squares);
 }
 #endif
 
@@ -293,7 +282,7 @@ inline __attribute__((always_inline)) void chunk_impl(
     const scalar_t* v, Strided vs, const scalar_t* p, Strided ps, int64_t m, int64_t k,
     const scalar_t* s_padded, const scalar_t* theta_padded, scalar_t* out, int64_t begin,
     int64_t end, double* squares) {
-  constexpr int64_t lanes = Lanes<scalar_t>::count;
+  constexpr int64_t lanes = Vec64<scalar_t>::lanes;
   for (int64_t c0 = 0; c0 < k; c0 += lanes) {
     const int64_t group = c0 / lanes;
     group_rows(v, vs, p, ps, m, s_padded + group * m * lanes, theta_padded + c0,
@@ -318,27 +307,10 @@ void chunk(const double* v, Strided vs, const double* p, Strided ps, int64_t m, 
 template <typename scalar_t>
 void ritz(const at::Tensor& basis, const std::optional<at::Tensor>& products, const at::Tensor& s,
           const at::Tensor& theta, at::Tensor& out, std::vector<double>& squares) {
-  constexpr int64_t lanes = Lanes<scalar_t>::count;
+  constexpr int64_t lanes = Vec64<scalar_t>::lanes;
   const int64_t n = basis.size(0);
   const int64_t m = basis.size(1);
   const int64_t k = s.size(1);
-  const int64_t groups = (k + lanes - 1) / lanes;
-  // S per group of columns, (m, lanes) each, and theta, rounded to the working dtype once.
-  std::vector<scalar_t> s_padded(static_cast<size_t>(groups * m * lanes), scalar_t(0));
-  std::vector<scalar_t> theta_padded(static_cast<size_t>(groups * lanes), scalar_t(0));
-  const double* s_data = s.const_data_ptr<double>();
-  const int64_t s_row = s.stride(0);
-  const int64_t s_col = s.stride(1);
-  for (int64_t q = 0; q < m; ++q) {
-    for (int64_t c = 0; c < k; ++c) {
-      s_padded[(c / lanes * m + q) * lanes + c % lanes] =
-          static_cast<scalar_t>(s_data[q * s_row + c * s_col]);
-    }
-  }
-  const double* theta_data = theta.const_data_ptr<double>();
-  for (int64_t c = 0; c < k; ++c) {
-    theta_padded[c] = static_cast<scalar_t>(theta_data[c * theta.stride(0)]);
-  }
   const scalar_t* v = basis.const_data_ptr<scalar_t>();
   const Strided vs{basis.stride(0), basis.stride(1)};
   const scalar_t* p = products.has_value() ? products->const_data_ptr<scalar_t>() : nullptr;
@@ -346,31 +318,37 @@ void ritz(const at::Tensor& basis, const std::optional<at::Tensor>& products, co
                                           : Strided{0, 0};
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
 #if defined(__GNUC__)
-  // Column-major V and P (unit row stride): rows in lanes. S and theta padded to a multiple of
-  // 12 columns, the widest sweep.
-  if (vs.row == 1 && (p == nullptr || ps.row == 1)) {
-    const int64_t lds = (k + 11) / 12 * 12;
-    std::vector<scalar_t> s_cols(static_cast<size_t>(m * lds), scalar_t(0));
-    std::vector<scalar_t> theta_cols(static_cast<size_t>(lds), scalar_t(0));
-    for (int64_t q = 0; q < m; ++q) {
-      for (int64_t c = 0; c < k; ++c) {
-        s_cols[q * lds + c] = static_cast<scalar_t>(s_data[q * s_row + c * s_col]);
-      }
-    }
-    std::copy(theta_padded.begin(), theta_padded.begin() + k, theta_cols.begin());
-    const RowChunks chunks = run_row_chunks(n, k, [&](int64_t begin, int64_t end, double* part) {
-      lane_chunk(v, vs.column, p, ps.column, m, k, s_cols.data(), lds, theta_cols.data(), o,
-                 begin, end, part);
-    });
-    squares.resize(static_cast<size_t>(k));
-    for (int64_t c = 0; c < k; ++c) {
-      squares[c] = chunks.chunk_sum(c);
-    }
-    return;
-  }
+  // Column-major V and P (unit row stride): rows in lanes (lane_chunk), S as (m, lds) rows
+  // padded to a multiple of 12 columns, the widest sweep. Otherwise columns in lanes (chunk),
+  // S as one (m, lanes) block per group of `lanes` columns.
+  const bool rows_in_lanes = vs.row == 1 && (p == nullptr || ps.row == 1);
+#else
+  const bool rows_in_lanes = false;
 #endif
+  const int64_t groups = (k + lanes - 1) / lanes;
+  const int64_t lds = rows_in_lanes ? (k + 11) / 12 * 12 : lanes;
+  const int64_t padded = rows_in_lanes ? lds : groups * lanes;
+  // S and theta rounded to the working dtype once.
+  std::vector<scalar_t> s_work(static_cast<size_t>(m * padded), scalar_t(0));
+  std::vector<scalar_t> theta_work(static_cast<size_t>(padded), scalar_t(0));
+  const double* s_data = s.const_data_ptr<double>();
+  const double* theta_data = theta.const_data_ptr<double>();
+  for (int64_t c = 0; c < k; ++c) {
+    theta_work[c] = static_cast<scalar_t>(theta_data[c * theta.stride(0)]);
+    for (int64_t q = 0; q < m; ++q) {
+      const int64_t at = rows_in_lanes ? q * lds + c : (c / lanes * m + q) * lanes + c % lanes;
+      s_work[at] = static_cast<scalar_t>(s_data[q * s.stride(0) + c * s.stride(1)]);
+    }
+  }
   const RowChunks chunks = run_row_chunks(n, k, [&](int64_t begin, int64_t end, double* part) {
-    chunk(v, vs, p, ps, m, k, s_padded.data(), theta_padded.data(), o, begin, end, part);
+#if defined(__GNUC__)
+    if (rows_in_lanes) {
+      lane_chunk(v, vs.column, p, ps.column, m, k, s_work.data(), lds, theta_work.data(), o,
+                 begin, end, part);
+      return;
+    }
+#endif
+    chunk(v, vs, p, ps, m, k, s_work.data(), theta_work.data(), o, begin, end, part);
   });
   squares.resize(static_cast<size_t>(k));
   for (int64_t c = 0; c < k; ++c) {

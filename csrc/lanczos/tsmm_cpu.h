@@ -35,6 +35,17 @@
 
 namespace imc_kernels::tsmm_cpu {
 
+// One 512-bit register of scalar_t: its lane count, and (GCC/Clang) the vector type the
+// hand-vectorized loops of the Lanczos kernels use. (A typedef in a class template: GCC drops
+// the vector attribute on a dependent alias template.)
+template <typename scalar_t>
+struct Vec64 {
+  static constexpr int64_t lanes = 64 / sizeof(scalar_t);
+#if defined(__GNUC__)
+  typedef scalar_t type __attribute__((vector_size(64)));
+#endif
+};
+
 // Row chunks of the fp64-accumulating kernels: at least 4096 rows each (so zeroing and reducing
 // a chunk's partial stays small next to reading its rows), at most 64 of them (enough to balance
 // the thread counts of one socket).
