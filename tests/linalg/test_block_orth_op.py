@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from imc_kernels import _ext, ops
+from imc_kernels import _dispatch, _ext, ops
 from imc_kernels.linalg.orthogonalize import default_rank_tol
 from imc_kernels.reference import block_orth as twin
 
@@ -57,12 +57,7 @@ needs_extension = pytest.mark.skipif(
 
 def _op_unavailable(device: torch.device) -> str | None:
     """Why the compiled op cannot run on ``device``; None when it can."""
-    info = _ext.load()
-    if info.module is None or not _ext.has_op("block_orth_step"):
-        return f"C++ extension without block_orth_step: {info.reason}"
-    if torch.device(device).type == "cuda" and not info.cuda:
-        return "the C++ extension was built without CUDA kernels"
-    return None
+    return _dispatch.cext_unsupported_reason(torch.device(device), "block_orth_step")
 
 
 def _require_op(device: torch.device) -> None:

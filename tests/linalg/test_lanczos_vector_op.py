@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imc_kernels import _dispatch, _ext, ops
+from imc_kernels import _dispatch, ops
 from imc_kernels.linalg import block_lanczos
 from imc_kernels.linalg.orthogonalize import block_orthonormalize, default_rank_tol
 from imc_kernels.reference import lanczos_vector as twin
@@ -28,14 +28,8 @@ ROWS = 45
 SENTINEL = 7.0
 
 
-def _op_unavailable() -> str | None:
-    info = _ext.load()
-    if info.module is None or not _ext.has_op("lanczos_vector_step"):
-        return f"C++ extension without lanczos_vector_step: {info.reason}"
-    return None
-
-
-needs_op = pytest.mark.skipif(_op_unavailable() is not None, reason=str(_op_unavailable()))
+_UNAVAILABLE = _dispatch.cext_unsupported_reason(torch.device("cpu"), "lanczos_vector_step")
+needs_op = pytest.mark.skipif(_UNAVAILABLE is not None, reason=str(_UNAVAILABLE))
 
 
 def _op(*args):

@@ -37,10 +37,8 @@ VECTOR_SINE = 1e-4
 # Wanted: 6, a double 5.5, then 5 ... 4.2, above a bulk in [-2, 4] (relative gaps >= 0.03).
 TOP = [6.0, 5.5, 5.5, 5.0, 4.8, 4.6, 4.5, 4.4, 4.3, 4.2]
 
-needs_extension = pytest.mark.skipif(
-    _ext.load().module is None or not _ext.has_op("block_orth_step"),
-    reason=f"C++ extension with block_orth_step not loaded: {_ext.load().reason}",
-)
+_UNAVAILABLE = _dispatch.cext_unsupported_reason(torch.device("cpu"), "block_orth_step")
+needs_extension = pytest.mark.skipif(_UNAVAILABLE is not None, reason=str(_UNAVAILABLE))
 
 
 @pytest.fixture(scope="module")

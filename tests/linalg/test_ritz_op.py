@@ -16,21 +16,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imc_kernels import _ext, ops
+from imc_kernels import _dispatch, ops
 from imc_kernels.reference import ritz as twin
 
 DTYPES = [torch.float32, torch.float64]
 N = 9001  # odd, more than two row chunks, not a multiple of any vector width
 
 
-def _op_unavailable() -> str | None:
-    info = _ext.load()
-    if info.module is None or not _ext.has_op("ritz_vectors"):
-        return f"C++ extension without ritz_vectors: {info.reason}"
-    return None
-
-
-needs_op = pytest.mark.skipif(_op_unavailable() is not None, reason=str(_op_unavailable()))
+_UNAVAILABLE = _dispatch.cext_unsupported_reason(torch.device("cpu"), "ritz_vectors")
+needs_op = pytest.mark.skipif(_UNAVAILABLE is not None, reason=str(_UNAVAILABLE))
 
 
 def _layout(t: torch.Tensor, kind: str) -> torch.Tensor:
