@@ -200,6 +200,61 @@ def test_bits_do_not_depend_on_thread_count(m, b):
     assert torch.equal(single, multi)
 
 
+# Shapes of the general kernel (both sides wider than 8 columns): Grams whose padded width is a
+# multiple of 8 and one that leaves a trailing 4-row register block, products either way.
+_TILE_CASES = [
+    (4097, 64, 64, "gram"),
+    (4097, 36, 36, "gram"),
+    (1000, 12, 44, "product"),
+    (100003, 132, 16, "product"),
+    (3001, 20, 9, "product"),
+]
+
+_TILE_SCRIPT = """
+import sys, torch
+from imc_kernels import _ext
+_ext.load()
+out = []
+for index, (n, m, b, kind) in enumerate({cases!r}):
+    for dtype in (torch.float32, torch.float64):
+        g = torch.Generator().manual_seed(100 + index)
+        x = torch.randn(n, m + 3, generator=g, dtype=dtype)[:, 1 : 1 + m]
+        y = x if kind == "gram" else torch.randn(n, b, generator=g, dtype=dtype)
+        out.append(torch.ops.imc_kernels.tsmm_xty(x, y))
+torch.save(out, sys.argv[1])
+"""
+
+
+@needs_extension
+def test_avx512_tile_kernel_gives_the_portable_kernels_bits(tmp_path):
+    """Where the CPU has AVX-512 the general kernel's tiles run an 8-row register block; it
+    must give bitwise the results of the portable 4-row block (same blocks, same order per
+    element), which IMC_KERNELS_NO_AVX512=1 selects."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("this CPU has no AVX-512: only the portable tile kernel exists here")
+    script = _TILE_SCRIPT.format(cases=_TILE_CASES)
+    results = {}
+    for label, flag in (("avx512", "0"), ("portable", "1")):
+        path = tmp_path / f"{label}.pt"
+        env = {**os.environ, "IMC_KERNELS_NO_AVX512": flag}
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[label] = torch.load(path)
+    assert len(results["avx512"]) == 2 * len(_TILE_CASES)
+    for fast, portable in zip(results["avx512"], results["portable"], strict=True):
+        assert torch.equal(fast, portable)
+
+
 @needs_extension
 def test_no_stale_values_after_a_previous_call(device):
     # The op returns a fresh tensor, so NaN-poisoning an output is not possible; instead a
