@@ -486,7 +486,33 @@ inline __attribute__((always_inline)) void skinny_rows(
       }
       x_rows[rr] = x + (r + rr) * ldx;
     }
-    for (int64_t v = 0; v <= full; ++v) {
+    int64_t v = 0;
+    if constexpr (kRows > 1 && kB <= 4) {
+      // Two vectors of columns per sweep: 2 kB independent accumulator chains, enough to keep
+      // both FMA pipes busy (kB = 4 alone left them half idle, waiting on FMA latency). Each
+      // lane still sums its rows in order, so the bits are those of one vector per sweep.
+      // n = 266,610, b = 4, float32, one Zen 5 thread: m = 128 6.5 -> 5.2 ms, m = 32
+      // 3.2 -> 2.7 ms (a read of the 132-wide basis rows: ~4 ms).
+      for (; v + 1 < full; v += 2) {
+        for (int rr = 0; rr < kRows; ++rr) {
+          __builtin_prefetch(x_rows[rr] + 8 * v + kSkinnyPrefetch * ldx);
+          __builtin_prefetch(x_rows[rr] + 8 * v + 15 + kSkinnyPrefetch * ldx);
+        }
+        double* a_ptr = acc + v * kB * 8;
+        Vec8d a[2][kB];
+        __builtin_memcpy(a, a_ptr, sizeof(a));
+        for (int rr = 0; rr < kRows; ++rr) {
+          const Vec8d x0 = load8(x_rows[rr] + 8 * v);
+          const Vec8d x1 = load8(x_rows[rr] + 8 * v + 8);
+          for (int j = 0; j < kB; ++j) {
+            a[0][j] += y_rows[rr][j] * x0;
+            a[1][j] += y_rows[rr][j] * x1;
+          }
+        }
+        __builtin_memcpy(a_ptr, a, sizeof(a));
+      }
+    }
+    for (; v <= full; ++v) {
       if (v == full && tail == 0) {
         break;
       }
