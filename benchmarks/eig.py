@@ -30,7 +30,9 @@ method's own product (columns of block products counted one by one). A run is st
 
 A peer that is not installed or fails is listed as unavailable with the reason. Results
 append to ``benchmarks/results/<device>.csv``; the summary goes to
-``benchmarks/results/<device>-eig.md`` with the command at the top.
+``benchmarks/results/<device>-eig.md`` with the command at the top, and a figure of time
+against residual per model and k (every scored run a point, right runs filled) to
+``<device>-eig.png`` when matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -863,7 +865,148 @@ def target_lines(report: Report) -> list[str]:
     return lines
 
 
-def markdown_summary(report: Report, metadata: dict, settings: Settings, source: str) -> str:
+# Marker per peer (ours is a star); colours from matplotlib's tab10 in method order.
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
+
+
+def _plottable(row: dict) -> bool:
+    if row.get("status") != "ok":
+        return False
+    try:
+        res, time_s = float(row["res"]), float(row["time_s"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return math.isfinite(res) and res > 0 and math.isfinite(time_s) and time_s > 0
+
+
+def eig_figure(rows: list[dict]):
+    """Time against residual, one panel per (model, k): every scored run as a point (ours a
+    star), filled when its eigenvalues are right and hollow when not, labelled with its HVPs;
+    dotted lines through ours. Where ours sits left of (faster than) and on or below (as
+    accurate as) every filled point is what the targets say in numbers. Returns a matplotlib
+    figure, or None when no row has a time and a residual."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on the benchmark machines
+    import matplotlib.pyplot as plt
+
+    rows = [
+        {**r, "res": float(r["res"]), "time_s": float(r["time_s"])} for r in rows if _plottable(r)
+    ]
+    keys = sorted({(r["model"], r["k"]) for r in rows})
+    if not keys:
+        return None
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "ours", m))
+    colours = plt.get_cmap("tab10").colors
+    style = {
+        method: ("*" if method == "ours" else _MARKERS[i % len(_MARKERS)], colours[i % 10])
+        for i, method in enumerate(methods)
+    }
+    n_cols = min(3, len(keys))
+    n_rows = math.ceil(len(keys) / n_cols)
+    fig, axes = plt.subplots(
+        n_rows, n_cols, figsize=(4.6 * n_cols, 3.8 * n_rows + 0.6), squeeze=False
+    )
+    for ax, (model, k) in zip(axes.flat, keys, strict=False):
+        panel = [r for r in rows if r["model"] == model and r["k"] == k]
+        # A single point (or one time / residual) spans nothing: give it a decade around it
+        # (set before anything is drawn, which would autoscale to an empty range).
+        for values, set_limits in (
+            ([r["res"] for r in panel], ax.set_ylim),
+            ([r["time_s"] for r in panel], ax.set_xlim),
+        ):
+            if min(values) == max(values):
+                set_limits(values[0] / 3, values[0] * 3)
+        for method in methods:
+            marker, colour = style[method]
+            size = 150 if method == "ours" else 45
+            for right in (True, False):
+                chosen = [
+                    r for r in panel if r["method"] == method and bool(r.get("right")) == right
+                ]
+                if not chosen:
+                    continue
+                ax.scatter(
+                    [r["time_s"] for r in chosen],
+                    [r["res"] for r in chosen],
+                    marker=marker,
+                    s=size,
+                    facecolors=colour if right else "none",
+                    edgecolors=colour,
+                    linewidths=1.2,
+                    zorder=3 if method == "ours" else 2,
+                    label=method,
+                )
+            for r in panel:
+                if r["method"] == method:
+                    ax.annotate(
+                        str(r.get("hvps", "")),
+                        (r["time_s"], r["res"]),
+                        textcoords="offset points",
+                        xytext=(5, 3),
+                        fontsize=7,
+                        color=colour,
+                    )
+        ours = next((r for r in panel if r["method"] == "ours"), None)
+        title = f"{model}, k = {k}"
+        if ours is not None:
+            ax.axhline(ours["res"], ls=":", lw=0.8, color="0.4", zorder=1)
+            ax.axvline(ours["time_s"], ls=":", lw=0.8, color="0.4", zorder=1)
+            if "h2h_ratio" in ours:
+                title += f"\nours {float(ours['h2h_ratio']):.2f}x faster than {ours['h2h_peer']}"
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("wall time (s)")
+        ax.set_ylabel("max ||Hv - theta v|| / |lambda_1|")
+        ax.set_title(title, fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        ax.margins(0.12)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.set_visible(False)
+    handles, labels = [], []
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+    fig.text(
+        0.99,
+        0.005,
+        f"filled: right (max err <= {RIGHT_RTOL:g}); hollow: wrong; numbers: HVPs",
+        ha="right",
+        va="bottom",
+        fontsize=7,
+        color="0.35",
+    )
+    fig.tight_layout(rect=(0, 0.09 if n_rows == 1 else 0.05, 1, 1))
+    return fig
+
+
+def save_eig_figure(rows: list[dict], path: Path) -> Path | None:
+    """Write :func:`eig_figure` to ``path`` (PNG); None when there is nothing to plot or
+    matplotlib is not installed (the GPU machines have no package registry): the tables and
+    the CSV carry the same numbers."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("  no figure: matplotlib is not installed", flush=True)
+        return None
+    fig = eig_figure(rows)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def markdown_summary(
+    report: Report, metadata: dict, settings: Settings, source: str, figure: str | None = None
+) -> str:
     lines = [
         "# Eigensolver benchmark: top-k Hessian eigenpairs",
         "",
@@ -893,7 +1036,10 @@ def markdown_summary(report: Report, metadata: dict, settings: Settings, source:
         "",
     ]
     lines += [f"- reference, {m['model']}: {m['reference']}" for m in report.models]
-    lines += ["", harness.markdown_table(report.rows, TABLE_COLUMNS), "", "## Targets", ""]
+    lines += ["", harness.markdown_table(report.rows, TABLE_COLUMNS), ""]
+    if figure is not None:
+        lines += [f"![time against residual, per model and k]({figure})", ""]
+    lines += ["## Targets", ""]
     lines += [f"- {line}" for line in target_lines(report)]
     splits = [r for r in report.rows if r["method"] == "ours" and "solver_share" in r]
     if splits:
@@ -980,10 +1126,15 @@ def main(argv=None) -> int:
         ]
         csv_path = harness.append_csv(harness.results_path(args.out, device), rows)
         md_path = harness.results_path(args.out, device, "-eig.md")
+        figure = save_eig_figure(report.rows, harness.results_path(args.out, device, "-eig.png"))
         md_path.write_text(
-            markdown_summary(report, metadata, settings, dataset.source), encoding="utf-8"
+            markdown_summary(
+                report, metadata, settings, dataset.source, None if figure is None else figure.name
+            ),
+            encoding="utf-8",
         )
-        print(f"appended {len(rows)} rows to {csv_path}; summary in {md_path}")
+        plotted = "" if figure is None else f", figure {figure}"
+        print(f"appended {len(rows)} rows to {csv_path}; summary in {md_path}{plotted}")
     for line in report.failures:
         print(f"FAILED: {line}")
     print(f"{metadata['device']}, torch {metadata['torch']}, {time.perf_counter() - start:.1f} s")

@@ -505,3 +505,83 @@ def test_eig_head_to_head_interleaves_and_takes_per_round_ratios(monkeypatch):
     del report.rows[0]["h2h_ratio"]
     eig.head_to_head(problem, 4, report, settings, lambda: None)
     assert "h2h_ratio" not in report.rows[0]
+
+
+def test_eig_figure_plots_every_scored_run_once(tmp_path):
+    """One panel per (model, k); each scored run is one point at (time, residual), filled
+    when right and hollow when wrong; failed runs and runs without a finite residual are
+    left out; the PNG is written and the summary links it."""
+    from matplotlib.colors import to_rgba
+
+    from benchmarks import eig
+
+    base = {"status": "ok", "setting": "default", "hvps": 10, "err": 1e-7}
+    rows = [
+        {**base, "model": "a", "k": 4, "method": "ours", "time_s": 0.5, "res": 8e-5, "right": True},
+        {**base, "model": "a", "k": 4, "method": "peer", "time_s": 2.0, "res": 5e-5, "right": True},
+        {
+            **base,
+            "model": "a",
+            "k": 4,
+            "method": "peer",
+            "time_s": 1.0,
+            "res": 3e-3,
+            "right": False,
+        },
+        {**base, "model": "a", "k": 4, "method": "other", "time_s": 4.0, "res": float("nan")},
+        {"model": "a", "k": 4, "method": "other", "setting": "x", "status": "failed"},
+        {**base, "model": "b", "k": 8, "method": "ours", "time_s": 3.0, "res": 9e-5, "right": True},
+    ]
+    rows[0].update(h2h_ratio=4.0, h2h_peer="peer (default)")
+    fig = eig.eig_figure(rows)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title().splitlines()[0] for ax in panels] == ["a, k = 4", "b, k = 8"]
+    assert "ours 4.00x faster than peer (default)" in panels[0].get_title()
+    points = {}
+    for ax in panels:
+        for collection in ax.collections:
+            hollow = (
+                to_rgba(collection.get_facecolor()[0])[3] == 0
+                if len(collection.get_facecolor())
+                else True
+            )
+            for x, y in collection.get_offsets():
+                key = (ax.get_title().splitlines()[0], float(x), float(y))
+                assert key not in points
+                points[key] = hollow
+    assert points == {
+        ("a, k = 4", 0.5, 8e-5): False,
+        ("a, k = 4", 2.0, 5e-5): False,
+        ("a, k = 4", 1.0, 3e-3): True,
+        ("b, k = 8", 3.0, 9e-5): False,
+    }
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    path = eig.save_eig_figure(rows, tmp_path / "eig.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert eig.eig_figure([rows[4]]) is None
+    report = eig.Report()
+    report.rows = rows
+    metadata = {
+        "command": "eig.py",
+        "device": "cpu",
+        "threads": 1,
+        "load": 0.0,
+        "timestamp": "t",
+        "commit": "c",
+        "torch": "x",
+        "python": "y",
+    }
+    text = eig.markdown_summary(report, metadata, eig.QUICK, "data", "eig.png")
+    assert "![time against residual, per model and k](eig.png)" in text
+
+
+def test_eig_figure_is_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
+    from benchmarks import eig
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    row = {"model": "a", "k": 1, "method": "ours", "status": "ok", "time_s": 1.0, "res": 1e-5}
+    assert eig.save_eig_figure([row], tmp_path / "eig.png") is None
+    assert not (tmp_path / "eig.png").exists()
+    assert "matplotlib is not installed" in capsys.readouterr().out
