@@ -245,6 +245,19 @@ def check_targets(output, targets: torch.Tensor, loss_fn: Callable) -> None:
         )
 
 
+def class_index_masks(
+    targets: torch.Tensor, n_classes: int, loss_fn: Callable
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bad, valid)`` boolean masks of class-index targets for a cross-entropy ``loss_fn``:
+    ``valid`` the targets that are not its ``ignore_index`` (-100 by default), ``bad`` the
+    valid ones outside ``[0, n_classes)``. The one definition behind the HVP operator's target
+    check and the pruning layer's (``imc_prune._checks.check_class_targets``), which word
+    their errors for their own callers."""
+    ignore = getattr(loss_fn, "ignore_index", -100)
+    valid = targets != ignore
+    return valid & ((targets < 0) | (targets >= n_classes)), valid
+
+
 def _check_class_indices(output: torch.Tensor, targets: torch.Tensor, loss_fn: Callable) -> None:
     if output.dim() < 2:
         raise ValueError(
@@ -260,9 +273,7 @@ def _check_class_indices(output: torch.Tensor, targets: torch.Tensor, loss_fn: C
             f"{tuple(targets.shape)}; e.g. targets.view(-1) drops a trailing dimension of 1"
         )
     n_classes = output.shape[1]
-    ignore = getattr(loss_fn, "ignore_index", -100)
-    valid = targets != ignore
-    bad = valid & ((targets < 0) | (targets >= n_classes))
+    bad, valid = class_index_masks(targets, n_classes, loss_fn)
     # One host read for both checks (this runs once per operator).
     any_bad, any_valid = torch.stack([bad.any(), valid.any()]).tolist()
     if any_bad:
@@ -272,8 +283,9 @@ def _check_class_indices(output: torch.Tensor, targets: torch.Tensor, loss_fn: C
         )
     if not any_valid and getattr(loss_fn, "reduction", "mean") == "mean":
         raise ValueError(
-            f"every target is ignore_index ({ignore}): the mean cross-entropy over no samples "
-            "is undefined (NaN); give the batch at least one labelled sample"
+            f"every target is ignore_index ({getattr(loss_fn, 'ignore_index', -100)}): the mean "
+            "cross-entropy over no samples is undefined (NaN); give the batch at least one "
+            "labelled sample"
         )
 
 

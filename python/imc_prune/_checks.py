@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from imc_kernels.hvp._common import is_cross_entropy
+from imc_kernels.hvp._common import class_index_masks, is_cross_entropy
 from imc_kernels.linalg.block_lanczos import check_seed as check_seed  # one seed check for both
 from imc_prune.data import DatasetSplits
 
@@ -153,8 +153,7 @@ def check_class_targets(
             f"outputs of shape {tuple(output.shape)}; got targets of shape "
             f"{tuple(targets.shape)}"
         )
-    ignore = getattr(loss_fn, "ignore_index", -100)
-    bad = (targets != ignore) & ((targets < 0) | (targets >= width))
+    bad, _ = class_index_masks(targets, width, loss_fn)
     if not bool(bad.any()):
         return
     found = ", ".join(str(v) for v in torch.unique(targets[bad]).tolist()[:5])

@@ -370,3 +370,17 @@ def test_ggn_in_train_mode_names_what_to_change(kind):
         pytest.raises(ValueError, match=message),
     ):
         HessianOperator(model, None, batch, mode="train", curvature="ggn")
+
+
+def test_class_index_masks_honour_the_loss_ignore_index():
+    """The shared class-index check: valid = not the loss' ignore_index; bad = valid and
+    outside [0, C). Both the operator and the pruning layer build their errors on it."""
+    from imc_kernels.hvp._common import class_index_masks
+
+    targets = torch.tensor([0, 2, 3, -1, -100, 7])
+    bad, valid = class_index_masks(targets, 3, torch.nn.CrossEntropyLoss())
+    assert valid.tolist() == [True, True, True, True, False, True]
+    assert bad.tolist() == [False, False, True, True, False, True]
+    bad, valid = class_index_masks(targets, 3, torch.nn.CrossEntropyLoss(ignore_index=7))
+    assert valid.tolist() == [True, True, True, True, True, False]
+    assert bad.tolist() == [False, False, True, True, True, False]
