@@ -969,17 +969,24 @@ def eig_figure(rows: list[dict]):
             if label not in labels:
                 handles.append(handle)
                 labels.append(label)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 0.03),
+        ncol=min(len(labels), 4),
+        fontsize=8,
+    )
     fig.text(
-        0.99,
+        0.5,
         0.005,
         f"filled: right (max err <= {RIGHT_RTOL:g}); hollow: wrong; numbers: HVPs",
-        ha="right",
+        ha="center",
         va="bottom",
         fontsize=7,
         color="0.35",
     )
-    fig.tight_layout(rect=(0, 0.09 if n_rows == 1 else 0.05, 1, 1))
+    fig.tight_layout(rect=(0, 0.12 / n_rows, 1, 1))
     return fig
 
 
