@@ -16,8 +16,11 @@ each ``k`` it runs, on the same batch and machine:
 
 Each peer runs at its defaults, then along its own accuracy knob (tolerance, or Krylov size
 for hessian-eigenthings' single-cycle Lanczos), cheapest first, until it reaches the residual
-ours reached: the ``matched`` row. Every run is scored the same way, against a float64 copy
-of the model: ``res`` = max_i ||H v_i - theta_i v_i|| / |lambda_1| (v_i normalized) and
+ours reached: the ``matched`` row. Between the last grid point that missed that residual and
+the first that reached it, the knob is then bisected (``--max-refine`` runs, 4 in full runs):
+a coarse grid would otherwise charge the peer for more products than it needs. Every run is
+scored the same way, against a float64 copy of the model: ``res`` = max_i ||H v_i - theta_i
+v_i|| / |lambda_1| (v_i normalized) and
 ``err`` = max_i |theta_i - lambda_i| / |lambda_1| against a tight reference (ours at tol
 1e-10 on the float64 model, cross-checked with SciPy ``eigsh`` in full runs). ``right``:
 ``err <= 1e-4`` (the tolerance asked of every solver here). HVPs are counted at each
@@ -536,6 +539,34 @@ def settings_for(method: str, k: int) -> list[tuple[str, dict, float]]:
     raise KeyError(method)
 
 
+def between(method: str, low: tuple, high: tuple) -> tuple | None:
+    """A setting of ``method`` halfway between two of its entries, in the form of
+    :func:`settings_for`: ``low`` did not reach ours' residual, the costlier ``high`` did.
+    None when the knob cannot be split any finer (or has no continuous form).
+
+    The grids step by up to 64 products (hessian-eigenthings at k = 32: 105, 140, 204) or a
+    decade of tol (SciPy eigsh), so the first grid point that reaches ours' residual can cost
+    up to a third more than the peer needs; bisecting between it and the last one that does
+    not reach keeps the peer's time honest.
+    """
+    _, low_kwargs, low_rank = low
+    _, high_kwargs, high_rank = high
+    if method == "eigenthings_lanczos":
+        # Rank = the Krylov size (max_iter) of every entry, the default's 2k included.
+        lo, hi = int(low_rank), int(high_rank)
+        if hi - lo <= 2:
+            return None
+        mid = (lo + hi) // 2
+        return f"max_iter {mid}, reorth", {"max_iter": mid, "reorthogonalize": True}, float(mid)
+    if method in ("curvlinops_eigsh", "scipy_eigsh_func", "torch_lobpcg"):
+        lo_tol, hi_tol = low_kwargs.get("tol"), high_kwargs.get("tol")
+        if not lo_tol or not hi_tol or lo_tol / hi_tol < 1.5:
+            return None  # a default without a tol (or tol 0), or already within a factor 1.5
+        tol = math.sqrt(lo_tol * hi_tol)
+        return f"tol {tol:.2g}", {"tol": float(f"{tol:.2g}")}, (low_rank + high_rank) / 2
+    return None
+
+
 def availability(method: str) -> str | None:
     """None, or why the method cannot run here."""
     module = IMPORTS.get(method)
@@ -567,6 +598,7 @@ class Settings:
     repeat_below_s: float  # runs faster than this are timed again (median of 3)
     max_scan: int  # settings tried beyond the defaults, per method and k
     h2h_rounds: int  # interleaved rounds of ours against the fastest right peer (0: none)
+    max_refine: int  # bisection steps of a peer's knob between its grid points (0: none)
 
 
 FULL = Settings(
@@ -578,6 +610,7 @@ FULL = Settings(
     repeat_below_s=10.0,
     max_scan=40,
     h2h_rounds=5,
+    max_refine=4,
 )
 QUICK = Settings(
     quick=True,
@@ -588,6 +621,7 @@ QUICK = Settings(
     repeat_below_s=0.0,
     max_scan=3,
     h2h_rounds=0,
+    max_refine=0,
 )
 
 
@@ -650,9 +684,9 @@ def run_model(name: str, args, settings: Settings, dataset, report: Report) -> N
         common = {"benchmark": "eig", "model": name, "params": problem.dim, "k": k}
         target_res = None
 
-        def run_setting(method, label, setting, target, k=k, common=common):
+        def run_setting(method, label, setting, target, rank=None, k=k, common=common):
             """One scored, timed run as a report row (also on failure or a cap)."""
-            row = {**common, "method": method, "setting": label}
+            row = {**common, "method": method, "setting": label, "_rank": rank}
             try:
                 time_m, hvps, scores = timed_run(method, problem, k, setting, settings, sync)
             except Stopped as stop:
@@ -693,7 +727,7 @@ def run_model(name: str, args, settings: Settings, dataset, report: Report) -> N
                 continue
             entries = settings_for(method, k)
             label, setting, default_rank = entries[0]
-            row = run_setting(method, label, setting, target_res)
+            row = run_setting(method, label, setting, target_res, default_rank)
             if method == "ours":
                 target_res = row.get("res") if row["status"] == "ok" else None
                 if row["status"] == "ok":
@@ -719,16 +753,55 @@ def run_model(name: str, args, settings: Settings, dataset, report: Report) -> N
                 (entry for entry in entries[1:] if (entry[2] < default_rank) == reached),
                 key=lambda entry: entry[2],
             )
-            for index, (label, setting, _) in enumerate(candidates):
+            for index, (label, setting, rank) in enumerate(candidates):
                 if index >= settings.max_scan:
                     report.note(f"{name} k={k} {method}: scan cut after {index} settings")
                     break
-                row = run_setting(method, label, setting, target_res)
+                row = run_setting(method, label, setting, target_res, rank)
                 if row["status"] != "ok" and not reached:
                     break  # the later settings cost more
                 if row.get("reaches"):
                     break
+            refine_setting(method, k, name, report, settings, run_setting, target_res)
         head_to_head(problem, k, report, settings, sync)
+
+
+def refine_setting(method, k, model, report: Report, settings: Settings, run_setting, target):
+    """Bisect ``method``'s knob between the costliest setting run that missed ours' residual
+    and the cheapest that reached it (see :func:`between`), up to ``settings.max_refine``
+    runs; each run is a scored row like the grid's."""
+    tried = [
+        r
+        for r in report.rows
+        if r["model"] == model
+        and r["k"] == k
+        and r["method"] == method
+        and r["status"] == "ok"
+        and r.get("_rank") is not None
+    ]
+    reaching = [r for r in tried if r.get("reaches")]
+    if not reaching:
+        return
+    high = min(reaching, key=lambda r: r["_rank"])
+    missing = [r for r in tried if not r.get("reaches") and r["_rank"] < high["_rank"]]
+    if not missing:
+        return
+    low = max(missing, key=lambda r: r["_rank"])
+    entries = {entry[0]: entry for entry in settings_for(method, k)}
+    low_entry = entries.get(low["setting"], low.get("_entry"))
+    high_entry = entries.get(high["setting"], high.get("_entry"))
+    for _ in range(settings.max_refine):
+        mid = between(method, low_entry, high_entry)
+        if mid is None:
+            return
+        row = run_setting(method, mid[0], mid[1], target, mid[2])
+        row["_entry"] = mid
+        if row["status"] != "ok":
+            return
+        if row.get("reaches"):
+            high_entry = mid
+        else:
+            low_entry = mid
 
 
 def fastest_right_peer(rows: list[dict]) -> dict | None:
@@ -753,9 +826,12 @@ def head_to_head(problem: Problem, k: int, report: Report, settings: Settings, s
         cap = 4 * settings.max_run_s
         report.note(f"{problem.name} k={k}: head-to-head skipped (over {cap:g} s)")
         return
-    setting = next(
-        entry[1] for entry in settings_for(peer["method"], k) if entry[0] == peer["setting"]
-    )
+    if "_entry" in peer:  # a setting found by refine_setting, between two grid points
+        setting = peer["_entry"][1]
+    else:
+        setting = next(
+            entry[1] for entry in settings_for(peer["method"], k) if entry[0] == peer["setting"]
+        )
 
     def once(method, chosen):
         counter = Counter(settings.max_hvps, settings.max_run_s)
@@ -1036,8 +1112,10 @@ def markdown_summary(
         "against the float64 model; `max err` = max_i |theta_i - lambda_i| / |lambda_1| "
         f"against the reference; `right` = max err <= {RIGHT_RTOL:g}. Each peer runs at its "
         "defaults, then along its accuracy knob until it reaches ours' residual "
-        f"(`reaches ours`); a run past {settings.max_hvps} HVPs or {settings.max_run_s:g} s "
-        "is stopped (`stopped`) and the costlier settings after it are skipped.",
+        f"(`reaches ours`), then bisects the knob (up to {settings.max_refine} more runs) "
+        "between the last grid point that missed and the first that reached it; a run past "
+        f"{settings.max_hvps} HVPs or {settings.max_run_s:g} s is stopped (`stopped`) and the "
+        "costlier settings after it are skipped.",
         "",
         harness.markdown_table(report.models, MODEL_COLUMNS),
         "",
@@ -1084,9 +1162,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         help="interleaved rounds of ours against the fastest right peer (default 5; --quick 0)",
     )
+    parser.add_argument(
+        "--max-refine",
+        type=int,
+        help="bisection runs of a peer's knob between its grid points (default 4; --quick 0)",
+    )
     args = parser.parse_args(argv)
     if args.h2h_rounds is not None and args.h2h_rounds < 0:
         parser.error(f"--h2h-rounds must be >= 0, got {args.h2h_rounds}")
+    if args.max_refine is not None and args.max_refine < 0:
+        parser.error(f"--max-refine must be >= 0, got {args.max_refine}")
     chosen = args.models or ",".join(QUICK_MODELS if args.quick else DEFAULT_MODELS)
     args.models = harness.parse_list(chosen, list(models.MODELS), "model")
     args.methods = harness.parse_list(args.methods, METHODS, "method")
@@ -1105,6 +1190,7 @@ def main(argv=None) -> int:
         max_hvps=args.max_hvps or settings.max_hvps,
         max_run_s=args.max_run_s or settings.max_run_s,
         h2h_rounds=settings.h2h_rounds if args.h2h_rounds is None else args.h2h_rounds,
+        max_refine=settings.max_refine if args.max_refine is None else args.max_refine,
     )
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -585,3 +585,159 @@ def test_eig_figure_is_skipped_without_matplotlib(tmp_path, monkeypatch, capsys)
     assert eig.save_eig_figure([row], tmp_path / "eig.png") is None
     assert not (tmp_path / "eig.png").exists()
     assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def _grid_rows(eig, method, k, reach, time_of, settings):
+    """Report rows for ``settings`` (entries of eig.settings_for) as run_model scores them,
+    with ``reach(kwargs)`` deciding whether a run reached ours' residual."""
+    rows = []
+    for label, kwargs, rank in settings:
+        rows.append(
+            {
+                "model": "m",
+                "k": k,
+                "method": method,
+                "setting": label,
+                "_rank": rank,
+                "status": "ok",
+                "reaches": reach(kwargs),
+                "right": True,
+                "time_s": time_of(kwargs),
+            }
+        )
+    return rows
+
+
+def test_eig_refinement_bisects_a_peer_knob_between_grid_points():
+    """The first grid point that reaches ours' residual can cost a third more than the peer
+    needs (hessian-eigenthings at k = 32: 140 misses, 204 reaches): the knob is bisected
+    between them, each run a scored row, and the fastest right peer is the refined one."""
+    from benchmarks import eig
+
+    k = 32
+    grid = {entry[0]: entry for entry in eig.settings_for("eigenthings_lanczos", k)}
+    assert "max_iter 140, reorth" in grid and "max_iter 204, reorth" in grid
+
+    def size(kwargs):
+        return kwargs.get("max_iter", 2 * k)
+
+    report = eig.Report()
+    report.rows = _grid_rows(
+        eig,
+        "eigenthings_lanczos",
+        k,
+        lambda kw: size(kw) >= 171,
+        lambda kw: 0.04 * size(kw),
+        [
+            grid[f"default (max_iter {2 * k})"],
+            grid["max_iter 140, reorth"],
+            grid["max_iter 204, reorth"],
+        ],
+    )
+    tried = []
+
+    def run_setting(method, label, setting, target, rank=None):
+        tried.append(setting["max_iter"])
+        row = _grid_rows(
+            eig,
+            method,
+            k,
+            lambda kw: size(kw) >= 171,
+            lambda kw: 0.04 * size(kw),
+            [(label, setting, rank)],
+        )[0]
+        report.rows.append(row)
+        return row
+
+    settings = eig.dataclasses.replace(eig.FULL, max_refine=4)
+    eig.refine_setting("eigenthings_lanczos", k, "m", report, settings, run_setting, 1e-4)
+    assert tried == [172, 156, 164, 168]
+    peer = eig.fastest_right_peer(report.rows)
+    assert peer["setting"] == "max_iter 172, reorth"
+    assert peer["_entry"][1] == {"max_iter": 172, "reorthogonalize": True}
+    # No refinement when off, or when nothing reached.
+    tried.clear()
+    eig.refine_setting(
+        "eigenthings_lanczos",
+        k,
+        "m",
+        report,
+        eig.dataclasses.replace(settings, max_refine=0),
+        run_setting,
+        1e-4,
+    )
+    report_miss = eig.Report()
+    report_miss.rows = [r for r in report.rows if not r["reaches"]]
+    eig.refine_setting("eigenthings_lanczos", k, "m", report_miss, settings, run_setting, 1e-4)
+    assert tried == []
+
+
+def test_eig_refinement_of_a_tolerance_is_geometric():
+    from benchmarks import eig
+
+    grid = {entry[0]: entry for entry in eig.settings_for("scipy_eigsh_func", 32)}
+    report = eig.Report()
+
+    def reach(kwargs):
+        return kwargs["tol"] <= 0.005
+
+    report.rows = _grid_rows(
+        eig,
+        "scipy_eigsh_func",
+        32,
+        reach,
+        lambda kw: 1.0 / kw["tol"],
+        [grid["tol 0.1"], grid["tol 0.01"], grid["tol 0.001"]],
+    )
+    tried = []
+
+    def run_setting(method, label, setting, target, rank=None):
+        tried.append(setting["tol"])
+        row = _grid_rows(
+            eig, method, 32, reach, lambda kw: 1.0 / kw["tol"], [(label, setting, rank)]
+        )[0]
+        report.rows.append(row)
+        return row
+
+    eig.refine_setting("scipy_eigsh_func", 32, "m", report, eig.FULL, run_setting, 1e-4)
+    # sqrt(0.01 * 0.001), then between 0.01 and 0.0032, then between 0.0057 and 0.0032;
+    # 0.0057 / 0.0043 < 1.5 ends it.
+    assert tried == [0.0032, 0.0057, 0.0043]
+    assert eig.fastest_right_peer(report.rows)["setting"] == "tol 0.0043"
+    # The default (tol 0) has no tolerance to bisect from.
+    assert eig.between("scipy_eigsh_func", grid["tol 1e-05"], ("default (tol 0)", {}, 9)) is None
+    assert eig.between("pyhessian", grid["tol 0.1"], grid["tol 0.01"]) is None
+
+
+def test_eig_head_to_head_runs_a_refined_peer_setting(monkeypatch):
+    from benchmarks import eig
+
+    calls = []
+    monkeypatch.setattr(
+        eig,
+        "RUNNERS",
+        {
+            "ours": lambda problem, k, setting, counter: calls.append(("ours", setting)),
+            "eigenthings_lanczos": lambda problem, k, setting, counter: calls.append(
+                ("peer", setting)
+            ),
+        },
+    )
+    refined = ("max_iter 172, reorth", {"max_iter": 172, "reorthogonalize": True}, 172.0)
+    common = {"model": "m", "k": 32, "status": "ok", "right": True, "reaches": True}
+    report = eig.Report()
+    report.rows = [
+        {**common, "method": "ours", "setting": "default", "time_s": 0.001},
+        {
+            **common,
+            "method": "eigenthings_lanczos",
+            "setting": refined[0],
+            "time_s": 0.002,
+            "_entry": refined,
+        },
+    ]
+    problem = type("P", (), {"name": "m"})()
+    settings = eig.dataclasses.replace(eig.FULL, h2h_rounds=2)
+    eig.head_to_head(problem, 32, report, settings, lambda: None)
+    assert ("peer", refined[1]) in calls
+    assert report.rows[0]["h2h_peer"] == "eigenthings_lanczos (max_iter 172, reorth)"
