@@ -111,10 +111,11 @@ stage_bench() {
   fi
   case $what in
   eig)
-    # One head-to-head round (ours and the fastest right peer back to back) per k: a few
-    # seconds on the GPU; more could push the stage past its 150 s, and a stage killed by its
-    # limit loses every row (eig.py writes them at the end).
-    local ks=10,32 rounds=(--h2h-rounds 1)
+    # One head-to-head round (ours and the fastest right peer back to back) per k and two
+    # bisection runs of a peer's knob: a few seconds on the GPU; more could push the stage
+    # past its 150 s, and a stage killed by its limit loses every row (eig.py writes them at
+    # the end).
+    local ks=10,32 rounds=(--h2h-rounds 1 --max-refine 2)
     if [ "$DRY" = 1 ]; then ks=1 rounds=(); fi
     run eig 150 "$PYTHON" benchmarks/eig.py "${quick[@]}" --ks "$ks" "${rounds[@]}" \
       --methods ours,pyhessian,eigenthings_lanczos --max-run-s 20 --out "$results"
