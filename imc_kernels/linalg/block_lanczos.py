@@ -232,6 +232,38 @@ def _rotate_in_place(view: torch.Tensor, s: torch.Tensor, *, gram: bool) -> torc
     return total
 
 
+def copy_block(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for two ``(n, b)`` blocks of the same dtype whose rows are contiguous
+    (a column slice of the basis and a contiguous block, either way round).
+
+    On the CPU, rows of a multiple of 16 bytes are copied as ``complex128`` elements: a row of
+    a float32 block of 4 is then one element, and TensorIterator runs a 1-D strided copy
+    instead of a 2-D one with a 4-long inner loop (n = 266,610, one thread, cold caches: into
+    the basis slot 1.5 -> 0.8 ms, out of it 2.9 -> 0.9 ms; b = 8 1.4 -> 0.9 ms). Bitwise a
+    copy either way; an offset or row stride off a 16-byte boundary takes the plain copy.
+    """
+    if (
+        dst.device.type == "cpu"
+        and src.device == dst.device
+        and dst.dtype == src.dtype
+        and dst.dim() == 2
+        and dst.shape == src.shape
+        and dst.stride(1) == 1
+        and src.stride(1) == 1
+        and dst.shape[0] > 1
+        and (dst.shape[1] * dst.element_size()) % 16 == 0
+    ):
+        try:
+            wide_dst = dst.view(torch.complex128)
+            wide_src = src.view(torch.complex128)
+        except RuntimeError:  # not on a 16-byte boundary
+            pass
+        else:
+            wide_dst.copy_(wide_src)
+            return
+    dst.copy_(src)
+
+
 def check_seed(seed) -> int:
     """``seed`` as an int for ``torch.Generator.manual_seed``.
 
@@ -411,7 +443,7 @@ def expand_block(
         non_finite = non_finite | ~torch.isfinite(local_coeffs).all()
     deficient = info.deficient & ~non_finite
     if q_out is not None:
-        slot.copy_(q_out)
+        copy_block(slot, q_out)
     if n_locked:
         coeffs[:n_locked] = 0.0
     projected[:end, start:end] = coeffs
@@ -537,7 +569,7 @@ class _BlockKrylovSchur:
             product = self.op(block)  # a contiguous basis row
         else:
             if not self.local_ready:  # else the last step left this block in block_in
-                self.block_in.copy_(block)
+                copy_block(self.block_in, block)
             product = self.op(self.block_in)
         self.n_matvecs += block.shape[1]
         if self.pbar is not None:
@@ -849,10 +881,11 @@ class _BlockKrylovSchur:
                 kept_t = factor @ kept_t @ factor_inv
                 kept_t = 0.5 * (kept_t + kept_t.T)
                 arrow = arrow @ factor_inv
-        pending = self.basis[:, m : m + b].clone()
+        pending = torch.empty(self.basis.shape[0], b, dtype=self.basis.dtype, device=device)
+        copy_block(pending, self.basis[:, m : m + b])
         if verify:
             pending = random_orthonormal_block(self.basis[:, :n_keep], b, self.generator)
-        self.basis[:, n_keep : n_keep + b] = pending
+        copy_block(self.basis[:, n_keep : n_keep + b], pending)
         # Deflate the locked pairs: their couplings are residual-sized (or, from the change of
         # basis above, O(eps ||H||)); the locked block stays diagonal.
         locked_theta = kept_t.diagonal()[:n_lock].clone()

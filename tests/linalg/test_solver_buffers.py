@@ -159,3 +159,29 @@ def test_a_hessian_solve_gives_back_its_basis():
         # The second solve took both buffers and gave both back.
         pointers = {t.data_ptr() for t in buffers._free}
         assert pointers == {t.data_ptr() for t in taken}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("b", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("start", [0, 1, 4, 6])
+def test_copy_block_copies_column_slices_either_way(dtype, b, start):
+    """copy_block (the solver's copies between basis slots and contiguous blocks) is a plain
+    copy bit for bit, whether it takes the 16-byte-element path or falls back (a slot off a
+    16-byte boundary, a row not a multiple of 16 bytes, a transposed source)."""
+    from imc_kernels.linalg.block_lanczos import copy_block
+
+    g = torch.Generator().manual_seed(b + 10 * start)
+    basis = torch.randn(1001, 20, generator=g, dtype=dtype)
+    block = torch.randn(1001, b, generator=g, dtype=dtype)
+    slot = basis[:, start : start + b]
+    before = basis.clone()
+    copy_block(slot, block)
+    expected = before.clone()
+    expected[:, start : start + b] = block
+    assert torch.equal(basis, expected)  # the slot, and nothing around it
+    out = torch.empty(1001, b, dtype=dtype)
+    copy_block(out, basis[:, start : start + b])
+    assert torch.equal(out, block)
+    transposed = block.T.contiguous().T  # column-major source
+    copy_block(out, transposed)
+    assert torch.equal(out, block)
