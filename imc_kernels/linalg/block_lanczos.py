@@ -14,8 +14,9 @@ ops, so it runs on any device the operator runs on:
   and rank repairs; ``eigh`` in float64 at every convergence check;
 * convergence on the Ritz residual bound ``||B_last S_last,i|| <= tol * ||H||_est`` with
   ``||H||_est`` the largest ``|theta|`` seen, checked every ``check_every`` blocks (default:
-  every block; the check is an ``eigh`` of at most ``m_max`` rows on the host), so a solve
-  stops as soon as the wanted pairs converge rather than when the basis is full;
+  every block on the CPU, so a solve stops as soon as the wanted pairs converge rather than
+  when the basis is full; once per restart cycle on a GPU, one host synchronization per cycle;
+  the check is an ``eigh`` of at most ``m_max`` rows on the host);
   converged pairs locked in order at restarts;
 * thick restart keeping the wanted Ritz vectors plus extras (about half the basis), the kept
   vectors re-orthonormalized when their Gram drifts past 2 eps;
@@ -38,7 +39,8 @@ row and the copy of the product, in four passes over the vector; MLP k = 10, 21 
 solver outside the products 0.108 -> 0.088 s).
 
 Host synchronization: one per convergence check (the rank and finite flags of the steps are
-read with it), plus one per step in ``"adaptive"`` mode. A rank-deficient step (the Krylov
+read with it; by default one per restart cycle on a GPU), plus one per step in ``"adaptive"``
+mode (the CPU default). A rank-deficient step (the Krylov
 space hit an invariant subspace) is rare; when a check's flags show one, the blocks expanded
 after it are discarded, the step is repaired (rank-revealing SVQB through an fp64 SVD, random
 replacement of the lost directions) and the solver checks every later step immediately,
@@ -1196,6 +1198,18 @@ def default_block_size(k: int, device: torch.device | str = "cpu") -> int:
     return 4 if k <= 64 else DEFAULT_MAX_BLOCK
 
 
+def default_check_every(device: torch.device | str, basis_size: int, block_size: int) -> int:
+    """Blocks expanded between convergence checks by default: 1 on the CPU, where the check's
+    host synchronization costs nothing and a solve can stop at the first block that completes
+    the wanted pairs (MLP k = 10: 21 products, against up to a cycle's more); on other devices
+    a whole cycle (``basis_size // block_size`` blocks, more than a cycle after a restart
+    holds), so a solve synchronizes with the host once per restart cycle, for the convergence
+    decision (notes/kernel_design.md 3.2), and a cycle's steps queue without waiting."""
+    if torch.device(device).type == "cpu":
+        return 1
+    return max(1, basis_size // block_size)
+
+
 def default_basis_size(k: int, block_size: int) -> int:
     """The default basis size ``m_max``, a multiple of ``b``.
 
@@ -1225,7 +1239,7 @@ def block_lanczos(
     device: torch.device | str | None = None,
     progress: bool | str = False,
     callback: Callable[[LanczosCycle], bool | None] | None = None,
-    check_every: int = 1,
+    check_every: int | None = None,
     store_products: bool = True,
     orthogonalization: str = "auto",
 ) -> LanczosResult:
@@ -1267,7 +1281,11 @@ def block_lanczos(
         callback: called at each convergence check with a :class:`LanczosCycle`; returning
             True stops the solve (the current Ritz pairs are returned).
         check_every: blocks expanded between convergence checks (each check is one host
-            synchronization and an ``eigh`` of at most ``m_max`` rows).
+            synchronization and an ``eigh`` of at most ``m_max`` rows). Default
+            (:func:`default_check_every`): every block on the CPU, where a synchronization
+            costs nothing and stopping at the first converged block saves products; once per
+            restart cycle (when the basis is full) elsewhere, so a GPU solve synchronizes with
+            the host once per cycle.
         store_products: keep ``H V`` beside the basis (twice the basis memory) so that the
             final residuals cost no matvec; False measures them with one more block product
             of the ``k`` vectors.
@@ -1314,7 +1332,9 @@ def block_lanczos(
         isinstance(max_matvecs, bool) or not isinstance(max_matvecs, int) or max_matvecs < 1
     ):
         raise ValueError(f"max_matvecs must be a positive integer, got {max_matvecs!r}")
-    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+    if check_every is not None and (
+        isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1
+    ):
         raise ValueError(f"check_every must be a positive integer, got {check_every!r}")
     if orthogonalization not in ORTHOGONALIZATION:
         raise ValueError(
@@ -1333,6 +1353,8 @@ def block_lanczos(
                 f"basis_size must hold the k = {k} wanted vectors plus one block of {b}; "
                 f"got {basis_size}"
             )
+    if check_every is None:
+        check_every = default_check_every(op.device, m_max, b)
     if orthogonalization == "auto":
         # Host synchronizations cost nothing when the device is the host.
         orthogonalization = "adaptive" if op.device.type == "cpu" else "two_pass"

@@ -53,7 +53,7 @@ def block_lanczos(
     device: torch.device | str | None = None,
     progress: bool | str = False,
     callback: Callable[[LanczosCycle], bool | None] | None = None,
-    check_every: int = 1,
+    check_every: int | None = None,
     store_products: bool = True,
     orthogonalization: str = "auto",
 ) -> LanczosResult:

@@ -519,6 +519,36 @@ def test_defaults():
     assert bl_module.default_basis_size(10, 10) == 50  # max(40, 50)
     assert bl_module.default_basis_size(40, 16) == 160  # max(160, 104)
     assert bl_module.default_basis_size(5, 3) == 21  # max(20, 17) -> multiple of 3
+    # Convergence checks: every block on the CPU, once per restart cycle elsewhere.
+    assert bl_module.default_check_every("cpu", 50, 10) == 1
+    assert bl_module.default_check_every("cuda", 50, 10) == 5
+    assert bl_module.default_check_every(torch.device("cuda", 1), 160, 16) == 10
+    assert bl_module.default_check_every("cuda", 5, 8) == 1
+
+
+def test_checks_once_per_cycle_with_the_gpu_default(problem):
+    """The GPU default (a whole cycle between checks), run here on the CPU: one convergence
+    check, hence one host synchronization, per restart cycle, always with the basis full;
+    the answer is the same as with a check after every block."""
+    matrix, eigenvalues, _ = problem
+    every = bl_module.default_check_every("cuda", 12, 2)
+    seen = []
+    res = block_lanczos(
+        matrix,
+        DIM,
+        4,
+        tol=1e-9,
+        block_size=2,
+        basis_size=12,
+        check_every=every,
+        callback=lambda c: seen.append((c.cycle, c.basis_columns)),
+    )
+    cycles = [cycle for cycle, _ in seen]
+    assert cycles == sorted(set(cycles)) and len(seen) == res.restarts + 1
+    assert all(columns == 12 for _, columns in seen)
+    per_block = block_lanczos(matrix, DIM, 4, tol=1e-9, block_size=2, basis_size=12)
+    torch.testing.assert_close(res.eigenvalues, per_block.eigenvalues, rtol=0, atol=1e-10 * 30)
+    assert res.n_matvecs >= per_block.n_matvecs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -630,6 +660,24 @@ def test_cuda_same_bits_and_no_sync_in_expand_block(problem):
         expand_block(storage, projected, 3, product)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_cuda_default_checks_once_per_cycle(problem):
+    """On a GPU the default convergence check (one host synchronization) comes once per
+    restart cycle, with the basis full."""
+    matrix, _, _ = problem
+    seen = []
+    res = block_lanczos(
+        matrix.float().cuda(),
+        DIM,
+        4,
+        block_size=2,
+        basis_size=12,
+        callback=lambda c: seen.append((c.cycle, c.basis_columns)),
+    )
+    assert len(seen) == res.restarts + 1
+    assert all(columns == 12 for _, columns in seen)
 
 
 @pytest.mark.parametrize("layout", ["row_major_slice", "column_major"])
