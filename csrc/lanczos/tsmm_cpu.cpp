@@ -88,8 +88,8 @@ static_assert(kNR == 8, "the vector micro-kernel holds a y row in two 4-wide vec
 // One kRows x kNR register block over the tile's rows, then into the partial.
 template <int64_t kRows, typename acc_row_t, int kHalves>
 inline __attribute__((always_inline)) void accumulate_block(
-    const double* __restrict x_tile, int64_t ldxt, const double* __restrict y_tile,
-    int64_t rows, int64_t b_pad, int64_t i0, int64_t j0, double* __restrict partial) {
+    const double* __restrict x_tile, int64_t ldxt, const double* __restrict y_tile, int64_t rows,
+    int64_t b_pad, int64_t i0, int64_t j0, double* __restrict partial) {
   constexpr int64_t width = kNR / kHalves;
   acc_row_t acc[kRows][kHalves] = {};
   for (int64_t r = 0; r < rows; ++r) {
@@ -139,8 +139,8 @@ void accumulate_tile(const double* __restrict x_tile, int64_t ldxt,
 typedef double Vec8dTile __attribute__((vector_size(64)));
 
 __attribute__((target("arch=x86-64-v4"))) void accumulate_tile_avx512(
-    const double* __restrict x_tile, int64_t ldxt, const double* __restrict y_tile,
-    int64_t rows, int64_t m_pad, int64_t b_pad, bool symmetric, double* __restrict partial) {
+    const double* __restrict x_tile, int64_t ldxt, const double* __restrict y_tile, int64_t rows,
+    int64_t m_pad, int64_t b_pad, bool symmetric, double* __restrict partial) {
   for (int64_t i0 = 0; i0 < m_pad; i0 += 2 * kMR) {
     const bool pair = i0 + 2 * kMR <= m_pad;
     for (int64_t j0 = 0; j0 < b_pad; j0 += kNR) {
@@ -150,8 +150,7 @@ __attribute__((target("arch=x86-64-v4"))) void accumulate_tile_avx512(
         continue;
       }
       if (pair) {
-        accumulate_block<2 * kMR, Vec8dTile, 1>(x_tile, ldxt, y_tile, rows, b_pad, i0, j0,
-                                                partial);
+        accumulate_block<2 * kMR, Vec8dTile, 1>(x_tile, ldxt, y_tile, rows, b_pad, i0, j0, partial);
       } else {
         accumulate_block<kMR, Vec8dTile, 1>(x_tile, ldxt, y_tile, rows, b_pad, i0, j0, partial);
       }
