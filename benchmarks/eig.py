@@ -684,9 +684,11 @@ def run_model(name: str, args, settings: Settings, dataset, report: Report) -> N
         common = {"benchmark": "eig", "model": name, "params": problem.dim, "k": k}
         target_res = None
 
-        def run_setting(method, label, setting, target, rank=None, k=k, common=common):
-            """One scored, timed run as a report row (also on failure or a cap)."""
-            row = {**common, "method": method, "setting": label, "_rank": rank}
+        def run_setting(method, entry, target, k=k, common=common):
+            """One scored, timed run of ``entry`` (a :func:`settings_for` entry) as a report
+            row (also on failure or a cap); the entry stays on the row (``_entry``)."""
+            label, setting, _ = entry
+            row = {**common, "method": method, "setting": label, "_entry": entry}
             try:
                 time_m, hvps, scores = timed_run(method, problem, k, setting, settings, sync)
             except Stopped as stop:
@@ -726,8 +728,8 @@ def run_model(name: str, args, settings: Settings, dataset, report: Report) -> N
                 report.note(f"{name} k={k} {method}: unavailable -- {why}")
                 continue
             entries = settings_for(method, k)
-            label, setting, default_rank = entries[0]
-            row = run_setting(method, label, setting, target_res, default_rank)
+            default_rank = entries[0][2]
+            row = run_setting(method, entries[0], target_res)
             if method == "ours":
                 target_res = row.get("res") if row["status"] == "ok" else None
                 if row["status"] == "ok":
@@ -753,11 +755,11 @@ def run_model(name: str, args, settings: Settings, dataset, report: Report) -> N
                 (entry for entry in entries[1:] if (entry[2] < default_rank) == reached),
                 key=lambda entry: entry[2],
             )
-            for index, (label, setting, rank) in enumerate(candidates):
+            for index, entry in enumerate(candidates):
                 if index >= settings.max_scan:
                     report.note(f"{name} k={k} {method}: scan cut after {index} settings")
                     break
-                row = run_setting(method, label, setting, target_res, rank)
+                row = run_setting(method, entry, target_res)
                 if row["status"] != "ok" and not reached:
                     break  # the later settings cost more
                 if row.get("reaches"):
@@ -773,29 +775,23 @@ def refine_setting(method, k, model, report: Report, settings: Settings, run_set
     tried = [
         r
         for r in report.rows
-        if r["model"] == model
-        and r["k"] == k
-        and r["method"] == method
-        and r["status"] == "ok"
-        and r.get("_rank") is not None
+        if r["model"] == model and r["k"] == k and r["method"] == method and r["status"] == "ok"
     ]
-    reaching = [r for r in tried if r.get("reaches")]
+    reaching = [r["_entry"] for r in tried if r.get("reaches")]
     if not reaching:
         return
-    high = min(reaching, key=lambda r: r["_rank"])
-    missing = [r for r in tried if not r.get("reaches") and r["_rank"] < high["_rank"]]
+    high_entry = min(reaching, key=lambda entry: entry[2])
+    missing = [
+        r["_entry"] for r in tried if not r.get("reaches") and r["_entry"][2] < high_entry[2]
+    ]
     if not missing:
         return
-    low = max(missing, key=lambda r: r["_rank"])
-    entries = {entry[0]: entry for entry in settings_for(method, k)}
-    low_entry = entries.get(low["setting"], low.get("_entry"))
-    high_entry = entries.get(high["setting"], high.get("_entry"))
+    low_entry = max(missing, key=lambda entry: entry[2])
     for _ in range(settings.max_refine):
         mid = between(method, low_entry, high_entry)
         if mid is None:
             return
-        row = run_setting(method, mid[0], mid[1], target, mid[2])
-        row["_entry"] = mid
+        row = run_setting(method, mid, target)
         if row["status"] != "ok":
             return
         if row.get("reaches"):
@@ -826,12 +822,7 @@ def head_to_head(problem: Problem, k: int, report: Report, settings: Settings, s
         cap = 4 * settings.max_run_s
         report.note(f"{problem.name} k={k}: head-to-head skipped (over {cap:g} s)")
         return
-    if "_entry" in peer:  # a setting found by refine_setting, between two grid points
-        setting = peer["_entry"][1]
-    else:
-        setting = next(
-            entry[1] for entry in settings_for(peer["method"], k) if entry[0] == peer["setting"]
-        )
+    setting = peer["_entry"][1]  # a grid point, or one refine_setting found between two
 
     def once(method, chosen):
         counter = Counter(settings.max_hvps, settings.max_run_s)
@@ -911,7 +902,7 @@ def target_lines(report: Report) -> list[str]:
         if ours is None:
             continue
         reached = [r for r in rows if r["method"] != "ours" and r.get("reaches")]
-        right = fastest_right_peer(rows) is not None
+        fastest = fastest_right_peer(rows)
         text = (
             f"{model} k={k}: ours {ours['time_s']:.2f} s, {ours['hvps']} HVPs, res "
             f"{ours['res']:.1e}, err {ours['err']:.1e}."
@@ -923,8 +914,7 @@ def target_lines(report: Report) -> list[str]:
                 f"({fewest['method']}, {fewest['setting']})"
                 f" -> ours {'<=' if ours['hvps'] <= fewest['hvps'] else '>'} peers."
             )
-        if right:
-            fastest = fastest_right_peer(rows)
+        if fastest is not None:
             text += (
                 f" Fastest right peer reaching it: {fastest['method']} ({fastest['setting']}) "
                 f"{fastest['time_s']:.2f} s = {fastest['time_s'] / ours['time_s']:.1f}x ours."

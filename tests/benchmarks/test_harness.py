@@ -480,16 +480,25 @@ def test_eig_head_to_head_interleaves_and_takes_per_round_ratios(monkeypatch):
             "peer_slow": runner("peer_slow", 9.0),
         },
     )
-    monkeypatch.setattr(eig, "settings_for", lambda method, k: [("default", {"knob": method}, 0.0)])
     problem = type("P", (), {"name": "m"})()
     report = eig.Report()
     common = {"model": "m", "k": 4, "status": "ok", "setting": "default", "hvps": 9}
     common.update(res=1e-5, err=1e-7)
     report.rows = [
-        {**common, "method": "ours", "time_s": 0.005, "right": True, "reaches": True},
-        {**common, "method": "peer_fast", "time_s": 0.015, "right": True, "reaches": True},
-        {**common, "method": "peer_wrong", "time_s": 0.001, "right": False, "reaches": True},
-        {**common, "method": "peer_slow", "time_s": 0.045, "right": True, "reaches": True},
+        {
+            **common,
+            "method": method,
+            "time_s": time_s,
+            "right": right,
+            "reaches": True,
+            "_entry": ("default", {"knob": method}, 0.0),
+        }  # as run_model records each run
+        for method, time_s, right in (
+            ("ours", 0.005, True),
+            ("peer_fast", 0.015, True),
+            ("peer_wrong", 0.001, False),
+            ("peer_slow", 0.045, True),
+        )
     ]
     settings = eig.dataclasses.replace(eig.FULL, h2h_rounds=4)
     eig.head_to_head(problem, 4, report, settings, lambda: None)
@@ -591,14 +600,15 @@ def _grid_rows(eig, method, k, reach, time_of, settings):
     """Report rows for ``settings`` (entries of eig.settings_for) as run_model scores them,
     with ``reach(kwargs)`` deciding whether a run reached ours' residual."""
     rows = []
-    for label, kwargs, rank in settings:
+    for entry in settings:
+        label, kwargs, _ = entry
         rows.append(
             {
                 "model": "m",
                 "k": k,
                 "method": method,
                 "setting": label,
-                "_rank": rank,
+                "_entry": entry,
                 "status": "ok",
                 "reaches": reach(kwargs),
                 "right": True,
@@ -636,15 +646,10 @@ def test_eig_refinement_bisects_a_peer_knob_between_grid_points():
     )
     tried = []
 
-    def run_setting(method, label, setting, target, rank=None):
-        tried.append(setting["max_iter"])
+    def run_setting(method, entry, target):
+        tried.append(entry[1]["max_iter"])
         row = _grid_rows(
-            eig,
-            method,
-            k,
-            lambda kw: size(kw) >= 171,
-            lambda kw: 0.04 * size(kw),
-            [(label, setting, rank)],
+            eig, method, k, lambda kw: size(kw) >= 171, lambda kw: 0.04 * size(kw), [entry]
         )[0]
         report.rows.append(row)
         return row
@@ -691,11 +696,9 @@ def test_eig_refinement_of_a_tolerance_is_geometric():
     )
     tried = []
 
-    def run_setting(method, label, setting, target, rank=None):
-        tried.append(setting["tol"])
-        row = _grid_rows(
-            eig, method, 32, reach, lambda kw: 1.0 / kw["tol"], [(label, setting, rank)]
-        )[0]
+    def run_setting(method, entry, target):
+        tried.append(entry[1]["tol"])
+        row = _grid_rows(eig, method, 32, reach, lambda kw: 1.0 / kw["tol"], [entry])[0]
         report.rows.append(row)
         return row
 
