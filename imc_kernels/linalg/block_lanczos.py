@@ -883,10 +883,11 @@ class _BlockKrylovSchur:
                 kept_t = factor @ kept_t @ factor_inv
                 kept_t = 0.5 * (kept_t + kept_t.T)
                 arrow = arrow @ factor_inv
-        pending = torch.empty(self.basis.shape[0], b, dtype=self.basis.dtype, device=device)
-        copy_block(pending, self.basis[:, m : m + b])
         if verify:
             pending = random_orthonormal_block(self.basis[:, :n_keep], b, self.generator)
+        else:  # the block after the basis, through a copy: its slot may overlap its new one
+            pending = torch.empty(self.basis.shape[0], b, dtype=dtype, device=device)
+            copy_block(pending, self.basis[:, m : m + b])
         copy_block(self.basis[:, n_keep : n_keep + b], pending)
         # Deflate the locked pairs: their couplings are residual-sized (or, from the change of
         # basis above, O(eps ||H||)); the locked block stays diagonal.
