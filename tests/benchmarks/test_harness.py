@@ -744,3 +744,13 @@ def test_eig_head_to_head_runs_a_refined_peer_setting(monkeypatch):
     eig.head_to_head(problem, 32, report, settings, lambda: None)
     assert ("peer", refined[1]) in calls
     assert report.rows[0]["h2h_peer"] == "eigenthings_lanczos (max_iter 172, reorth)"
+
+
+@pytest.mark.parametrize("flag", ["--h2h-rounds", "--max-refine"])
+def test_eig_rejects_a_negative_round_count(flag, capsys):
+    from benchmarks import eig
+
+    with pytest.raises(SystemExit):
+        eig.parse_args(["--quick", flag, "-1"])
+    assert f"{flag} must be >= 0, got -1" in capsys.readouterr().err
+    assert getattr(eig.parse_args(["--quick", flag, "0"]), flag[2:].replace("-", "_")) == 0
