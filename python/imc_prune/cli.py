@@ -12,7 +12,8 @@ Subcommands:
 
 Every subcommand writes into ``--out`` (default ``runs/<dataset>-<model>-<subcommand or
 method>``): ``runs.jsonl`` (one line per finished run), ``results.json``, ``results.md`` and
-PNG plots. Without ``--dataset`` the data is Fashion-MNIST, or scikit-learn digits with a
+PNG plots (when matplotlib is installed; the files list says so when it is not). Without
+``--dataset`` the data is Fashion-MNIST, or scikit-learn digits with a
 printed note when Fashion-MNIST is not installed.
 
 Example:
@@ -33,6 +34,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -447,7 +449,10 @@ def _pct(value: float) -> str:
 
 
 def _files_line(files: dict) -> list[str]:
-    return [f"  {path}" for _, path in sorted(files.items(), key=lambda item: str(item[1]))]
+    lines = [f"  {path}" for _, path in sorted(files.items(), key=lambda item: str(item[1]))]
+    if not report.plotting_available():
+        lines.append(f"  (no plots: matplotlib is not installed; {report.PLOTS_INSTALL_HINT})")
+    return lines
 
 
 def _describe_imc(info: dict) -> list[str]:
@@ -651,9 +656,11 @@ def _cmd_spectrum(args) -> int:
     }
     json_path = out / "spectrum.json"
     experiment._write_text(json_path, json.dumps(experiment._json_safe(payload), indent=1))
-    png_path = report.plot_spectrum(
-        data, out / "spectrum.png", title=f"{dataset}, {args.model}: Hessian spectrum at W*"
-    )
+    written = {"json": json_path}
+    if report.plotting_available():
+        written["png"] = report.plot_spectrum(
+            data, out / "spectrum.png", title=f"{dataset}, {args.model}: Hessian spectrum at W*"
+        )
     top = result.spectrum.top_eigenvalues.tolist()
     shown = ", ".join(f"{x:.4g}" for x in top[:8]) + (", ..." if len(top) > 8 else "")
     print(f"top       {len(top)} eigenvalues: {shown}")
@@ -661,8 +668,8 @@ def _cmd_spectrum(args) -> int:
         print(line)
     print(f"time      {elapsed:.1f} s ({result.n_hvps:,} Hessian-vector products)")
     print("files")
-    print(f"  {json_path}")
-    print(f"  {png_path}")
+    for line in _files_line(written):
+        print(line)
     return 0
 
 
@@ -686,7 +693,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            # The files list says it (_files_line); write_results' warning would repeat it.
+            warnings.filterwarnings("ignore", message="no plots in ")
+            return _COMMANDS[args.command](args)
     except CLIError as exc:
         print(f"imc-prune {args.command}: error: {exc}", file=sys.stderr)
         return 1

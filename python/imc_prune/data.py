@@ -403,8 +403,14 @@ def _check_labels(labels, num_classes: int, where) -> None:
 
 
 def _load_digits(flatten: bool) -> DatasetSplits:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:
+        raise DatasetNotFoundError(
+            "the digits data set ships with scikit-learn, which is not installed: "
+            "pip install scikit-learn (or pip install 'imc_kernels[digits]')"
+        ) from exc
 
     digits = load_digits()
     images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1)  # (1797,1,8,8)

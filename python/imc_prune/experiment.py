@@ -76,6 +76,7 @@ import os
 import platform
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -1562,6 +1563,9 @@ def write_results(
 ) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and the plots of ``records`` into ``out_dir``.
 
+    The plots need matplotlib; without it they are skipped with a warning that says what to
+    install (the tables and JSON are written either way).
+
     Args:
         records: the runs.
         out_dir: the folder (created).
@@ -1584,6 +1588,12 @@ def write_results(
     results_md = out_dir / "results.md"
     _write_text(results_md, report.results_markdown(rows, title=title or "Pruning results"))
     files["results_md"] = results_md
+    if not report.plotting_available():
+        warnings.warn(
+            f"no plots in {out_dir}: matplotlib is not installed ({report.PLOTS_INSTALL_HINT})",
+            stacklevel=2,
+        )
+        return files
     pairs = sorted({(r["dataset"], r["model"]) for r in rows})
     for dataset, model in pairs:
         members = [r for r in rows if (r["dataset"], r["model"]) == (dataset, model)]

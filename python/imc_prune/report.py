@@ -15,6 +15,10 @@ Everything here works on plain JSON-ready data, so a report can be rebuilt from 
   show the groups: accuracy against weights remaining, one line per method, the dense
   network as a horizontal band.
 
+matplotlib is optional (``pip install 'imc_kernels[plots]'``): without it the tables and JSON
+still work, the ``plot_*`` functions raise an ImportError that says what to install, and
+:func:`plotting_available` lets a caller skip them.
+
 Example:
     >>> rows = aggregate(records)
     >>> print(results_markdown(rows))
@@ -26,20 +30,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")  # files only: no display on the CPU machines or in CI
+from imc_kernels.linalg.slq import density_on_grid
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
-
-from imc_kernels.linalg.slq import density_on_grid  # noqa: E402
+#: What to install for the plots (matplotlib is optional: the tables need only numpy).
+PLOTS_INSTALL_HINT = "pip install matplotlib (or pip install 'imc_kernels[plots]')"
 
 #: Plot order of the methods (others follow alphabetically).
 METHOD_ORDER = (
@@ -148,6 +150,33 @@ def _fmt(value: float | None) -> str:
     return "?" if value is None else f"{value:.3g}"
 
 
+def plotting_available() -> bool:
+    """Whether matplotlib is installed, so that the ``plot_*`` functions can run.
+
+    The markdown and JSON reports never need it; :func:`imc_prune.experiment.write_results`
+    and ``imc-prune`` skip the PNGs without it and say so.
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pyplot():
+    """matplotlib's pyplot with the Agg backend (files only: no display on the CPU machines or
+    in CI), imported on first use; an ImportError that says what to install otherwise."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError(f"imc_prune's plots need matplotlib: {PLOTS_INSTALL_HINT}") from exc
+    if "matplotlib.pyplot" not in sys.modules:  # else keep the backend the caller chose
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_spectrum(
     data: Mapping[str, Any],
     path: str | os.PathLike,
@@ -168,6 +197,7 @@ def plot_spectrum(
 
     Raises:
         ValueError: an unknown ``xscale``; ``data`` without nodes.
+        ImportError: matplotlib is not installed (see :func:`plotting_available`).
 
     Example:
         >>> plot_spectrum(spectrum_data(res.spectrum, res.gap, res.lipschitz.value), "s.png")
@@ -176,6 +206,7 @@ def plot_spectrum(
         raise ValueError(f"xscale must be 'linear' or 'symlog', got {xscale!r}")
     if not data.get("nodes"):
         raise ValueError("spectrum data has no SLQ nodes to plot")
+    plt = _pyplot()
     grid, density, cdf = spectrum_curve(data)
     top = np.asarray(data.get("top_eigenvalues") or [], dtype=np.float64)
     gap = data.get("gap")
@@ -505,6 +536,7 @@ def plot_accuracy(
 
     Raises:
         ValueError: an unknown ``metric``, or no rows.
+        ImportError: matplotlib is not installed (see :func:`plotting_available`).
 
     Example:
         >>> plot_accuracy(aggregate(records), "accuracy.png")
@@ -513,6 +545,9 @@ def plot_accuracy(
         raise ValueError(f"metric must be 'final_acc' or 'last3_acc', got {metric!r}")
     if not rows:
         raise ValueError("no results to plot")
+    plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter
+
     fig, ax = plt.subplots(figsize=(8, 5))
     methods = sorted({r["method"] for r in rows}, key=method_rank)
     colors = {m: f"C{i % 10}" for i, m in enumerate(m for m in methods if m != "dense")}
@@ -553,5 +588,5 @@ def _save(fig, path: str | os.PathLike) -> Path:
     try:
         fig.savefig(path, dpi=120)
     finally:
-        plt.close(fig)
+        _pyplot().close(fig)
     return path

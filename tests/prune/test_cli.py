@@ -2,6 +2,9 @@
 files they promise, resuming, and the errors a user sees."""
 
 import json
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -178,3 +181,52 @@ def test_a_device_that_is_not_there_is_an_argument_error(capsys):
     with pytest.raises(SystemExit):
         cli.main(["compare", "--device", "cuda:1", "--workers", "2", *QUICK])
     assert "argument --device: device cuda:1 asked for" in capsys.readouterr().err
+
+
+def test_without_matplotlib_the_files_list_says_no_plots(tmp_path, capsys, monkeypatch):
+    # matplotlib is optional ("plots" extra): an import of it fails from here on.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    from imc_prune import report
+
+    assert not report.plotting_available()
+    out = tmp_path / "run"
+    argv = ["run", "--method", "random", "--remaining", "30%", "--out", str(out), *QUICK]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(argv) == 0
+    # The CLI says it once, in its files list; write_results' warning is for library callers.
+    assert not [w for w in caught if "matplotlib" in str(w.message)]
+    text = capsys.readouterr().out
+    assert "(no plots: matplotlib is not installed; pip install matplotlib" in text
+    assert (out / "results.md").exists() and (out / "results.json").exists()
+    assert not list(out.glob("*.png"))
+    spec = tmp_path / "spec"
+    assert cli.main(["spectrum", "--out", str(spec), *QUICK]) == 0
+    assert "(no plots: matplotlib is not installed" in capsys.readouterr().out
+    assert (spec / "spectrum.json").exists() and not (spec / "spectrum.png").exists()
+
+
+def test_the_package_imports_without_matplotlib_and_scikit_learn(tmp_path):
+    # A fresh interpreter, as after a plain `pip install .`: neither optional package imports.
+    script = (
+        "import sys\n"
+        "sys.modules['matplotlib'] = sys.modules['sklearn'] = None\n"
+        "from imc_prune import cli, data, experiment, report\n"
+        "try:\n"
+        "    report.plot_accuracy([{'method': 'dense'}], 'x.png')\n"
+        "except ImportError as exc:\n"
+        "    print('plots:', exc)\n"
+        "try:\n"
+        "    data.load_dataset('digits')\n"
+        "except data.DatasetNotFoundError as exc:\n"
+        "    print('digits:', exc)\n"
+        "print('cli status', cli.main(['spectrum', '--dataset', 'digits', '--quick']))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    assert "plots: imc_prune's plots need matplotlib: pip install matplotlib" in run.stdout
+    assert "digits: the digits data set ships with scikit-learn" in run.stdout
+    assert "cli status 1" in run.stdout  # a clear error, not a traceback
+    assert "pip install scikit-learn" in run.stderr and "Traceback" not in run.stderr

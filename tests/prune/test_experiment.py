@@ -8,6 +8,7 @@ far above chance (10 %) for every method at 30 % of the weights.
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -636,3 +637,21 @@ def test_run_one_on_a_device_that_is_not_there(cache):
         run_one(_spec("random"), data_cache=cache, device="cuda")
     with pytest.raises(ValueError, match="'tpu' is not a device"):
         run_one(_spec("random"), data_cache=cache, device="tpu")
+
+
+def test_write_results_without_matplotlib_warns_and_writes_the_tables(tmp_path, monkeypatch):
+    records = [
+        RunRecord.from_dict(
+            {
+                **_record(m, t, 0, acc),
+                **{"key": m, "method": m, "spec": {}, "layers": {}, "history": []},
+                **{"phases": [], "elapsed_s": 1.0},
+            }
+        )
+        for m, t, acc in (("dense", 1.0, 0.95), ("random", 0.1, 0.8))
+    ]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # optional: no import of it works
+    with pytest.warns(UserWarning, match="no plots in .*: matplotlib is not installed"):
+        files = experiment.write_results(records, tmp_path)
+    assert sorted(files) == ["results_json", "results_md"]
+    assert not list(tmp_path.glob("*.png"))
