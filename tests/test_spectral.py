@@ -30,9 +30,6 @@ from torch import nn
 import imc_kernels as ik
 from imc_kernels.spectral import EigenResult, SpectralDensity
 
-# torch.func registers its jvp decompositions with torch.jit.script, deprecated in torch 2.13
-pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
-
 
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():

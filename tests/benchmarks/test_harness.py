@@ -23,9 +23,6 @@ if str(REPO_ROOT) not in sys.path:  # `benchmarks` is a folder of scripts, not i
 from benchmarks import _harness as harness  # noqa: E402
 from benchmarks import hvp, models  # noqa: E402
 
-# torch.func registers its jvp decompositions with torch.jit.script, deprecated in torch 2.13
-pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
-
 # --------------------------------------------------------------------------------------
 # measure
 

@@ -18,8 +18,6 @@ from imc_prune.models import MODEL_NAMES, build_model
 FUSED_LEAVES = (nn.Flatten, nn.Linear, nn.ReLU, nn.Conv2d, nn.MaxPool2d)
 VGG_LEAVES = FUSED_LEAVES + (nn.BatchNorm2d, nn.AdaptiveAvgPool2d)
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
-
 
 @functools.cache
 def _model(name: str, input_shape: tuple, num_classes: int = 10) -> nn.Module:
