@@ -658,6 +658,13 @@ def timed_run(method, problem, k, setting, settings: Settings, sync):
     return harness.Measurement.of(times), counter.count, scores
 
 
+def reference_value(reference: torch.Tensor, i: int) -> float | None:
+    """``lambda_i`` (1-based) of the reference, or None (an empty cell) when the run's largest
+    k did not ask for that many: a run with ``--ks 1`` printed its last value as lambda_10 and
+    lambda_32."""
+    return float(reference[i - 1]) if len(reference) >= i else None
+
+
 def run_model(name: str, args, settings: Settings, dataset, report: Report) -> None:
     device = torch.device(args.device)
     sync = harness.synchronizer(device)
@@ -670,8 +677,8 @@ def run_model(name: str, args, settings: Settings, dataset, report: Report) -> N
             "train_steps": settings.train_steps if args.train_steps is None else args.train_steps,
             "train_loss": problem.train_loss,
             "lambda_1": problem.lambda_1,
-            "lambda_10": float(problem.reference[min(9, len(problem.reference) - 1)]),
-            "lambda_32": float(problem.reference[min(31, len(problem.reference) - 1)]),
+            "lambda_10": reference_value(problem.reference, 10),
+            "lambda_32": reference_value(problem.reference, 32),
             "reference": ref_note,
         }
     )

@@ -751,3 +751,15 @@ def test_eig_rejects_a_negative_round_count(flag, capsys):
         eig.parse_args(["--quick", flag, "-1"])
     assert f"{flag} must be >= 0, got -1" in capsys.readouterr().err
     assert getattr(eig.parse_args(["--quick", flag, "0"]), flag[2:].replace("-", "_")) == 0
+
+
+def test_eig_reference_values_beyond_the_reference_are_empty_cells():
+    from benchmarks import eig
+
+    reference = torch.arange(9, 0, -1, dtype=torch.float64)  # k_ref = 9: a --ks 1 run
+    assert eig.reference_value(reference, 1) == 9.0
+    assert eig.reference_value(reference, 9) == 1.0
+    assert eig.reference_value(reference, 10) is None  # was the 9th value, printed as lambda_10
+    row = {"lambda_10": eig.reference_value(reference, 10), "lambda_1": 9.0}
+    text = harness.markdown_table([row], [("lambda_1", "l1"), ("lambda_10", "l10")])
+    assert text.splitlines()[-1].replace(" ", "") == "|9.00||"
