@@ -39,7 +39,9 @@ def test_the_first_examples_run_and_match_an_independent_engine(monkeypatch):
     )
     vectors = res.eigenvectors.double()
     rayleigh = torch.einsum("ij,ij->j", vectors, (check @ res.eigenvectors).double())
-    torch.testing.assert_close(rayleigh, res.eigenvalues, rtol=1e-4, atol=1e-4 * res.eigenvalues[0])
+    torch.testing.assert_close(
+        rayleigh, res.eigenvalues, rtol=1e-4, atol=1e-4 * float(res.eigenvalues[0])
+    )
     assert dens.n_probes == 8
     torch.testing.assert_close(dens.weights.sum(1), torch.ones(8, dtype=torch.float64))
     # Every probe's nodes lie inside the spectrum, whose top the solve found.

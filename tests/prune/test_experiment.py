@@ -644,8 +644,13 @@ def test_write_results_without_matplotlib_warns_and_writes_the_tables(tmp_path, 
         RunRecord.from_dict(
             {
                 **_record(m, t, 0, acc),
-                **{"key": m, "method": m, "spec": {}, "layers": {}, "history": []},
-                **{"phases": [], "elapsed_s": 1.0},
+                "key": m,
+                "method": m,
+                "spec": {},
+                "layers": {},
+                "history": [],
+                "phases": [],
+                "elapsed_s": 1.0,
             }
         )
         for m, t, acc in (("dense", 1.0, 0.95), ("random", 0.1, 0.8))
