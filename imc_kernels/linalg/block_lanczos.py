@@ -1186,8 +1186,13 @@ def default_block_size(k: int, device: torch.device | str = "cpu") -> int:
     the fewest products at the solver cost of the widest block, up to k = 64; 16 beyond.
     Single vectors are now as fast for the MLP at k = 32 with 27 percent fewer products, but
     on the small CNN at k = 32 they stopped at 140 products (8.1 s, against 180 / 10.1 s for
-    b = 4) with one eigenvalue wrong by more than 1e-4 of lambda_1: a single-vector Krylov
-    space misses copies of clustered values, which is what the block is for. So 4 stays.
+    b = 4) with eigenvalues wrong by more than 1e-4 of lambda_1. In a later run of the same
+    solve the values from the 19th on lay below the true ones, four of them by 1.2e-4 to
+    3.4e-4 of lambda_1: in the dense tail near 1.4 (lambda_1 = 94.4) the single vector's
+    space had converged to the 34th eigenvalue before some inside the wanted 32. A
+    single-vector Krylov space misses copies of clustered values, which is what the block is
+    for. Blocks of 3 have no vectorized kernels: MLP k = 32, 258 products in 4.55 s. So 4
+    stays.
 
     A block holds at most ``b`` copies of a multiple eigenvalue; pass ``block_size`` at least
     the multiplicity expected among the wanted pairs.
@@ -1217,7 +1222,12 @@ def default_basis_size(k: int, block_size: int) -> int:
     ``b = 1``: ``max(2k + 10, 20)``, ARPACK's ``ncv = max(2k + 1, 20)`` plus a margin: with
     convergence checked at every step the basis is rarely filled (25 products for k = 10 on
     the trained MLP), and a restart just before convergence costs a Rayleigh-Ritz update of
-    the basis for nothing. Blocks: ``max(4k, k + 4b)`` rounded up (notes 3.5).
+    the basis for nothing. Blocks: ``max(4k, k + 4b)`` rounded up (notes 3.5). Measured at
+    k = 32, b = 4 on the trained MLP (tol 1e-4, one thread; products, restarts, seconds):
+    m = 96: 276, 5, 3.99 s; 112: 272, 4, 4.30 s; 128 (the default): 264, 4, 3.30 s; 144:
+    264, 3, 3.42 s; 160: 260, 3, 3.40 s; 192: 260, 2, 3.47 s. A smaller basis restarts more
+    and needs more products; a larger one saves at most 4 products and pays for them in
+    longer orthogonalization sweeps.
     """
     if block_size == 1:
         return max(2 * k + 10, 20)
