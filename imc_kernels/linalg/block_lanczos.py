@@ -1191,7 +1191,7 @@ def default_block_size(k: int, device: torch.device | str = "cpu") -> int:
     3.4e-4 of lambda_1: in the dense tail near 1.4 (lambda_1 = 94.4) the single vector's
     space had converged to the 34th eigenvalue before some inside the wanted 32. A
     single-vector Krylov space misses copies of clustered values, which is what the block is
-    for. Blocks of 3 have no vectorized kernels: MLP k = 32, 258 products in 4.55 s. So 4
+    for. Blocks of 3 have no vectorized kernels: MLP k = 32, 258 products in 4.66 s. So 4
     stays.
 
     A block holds at most ``b`` copies of a multiple eigenvalue; pass ``block_size`` at least
@@ -1223,9 +1223,9 @@ def default_basis_size(k: int, block_size: int) -> int:
     convergence checked at every step the basis is rarely filled (25 products for k = 10 on
     the trained MLP), and a restart just before convergence costs a Rayleigh-Ritz update of
     the basis for nothing. Blocks: ``max(4k, k + 4b)`` rounded up (notes 3.5). Measured at
-    k = 32, b = 4 on the trained MLP (tol 1e-4, one thread; products, restarts, seconds):
-    m = 96: 276, 5, 3.99 s; 112: 272, 4, 4.30 s; 128 (the default): 264, 4, 3.30 s; 144:
-    264, 3, 3.42 s; 160: 260, 3, 3.40 s; 192: 260, 2, 3.47 s. A smaller basis restarts more
+    k = 32, b = 4 on the trained MLP (tol 1e-4, one thread, one run; products, restarts,
+    seconds): m = 96: 276, 5, 3.66 s; 112: 272, 4, 3.73 s; 128 (the default): 264, 4, 3.61 s;
+    144: 264, 3, 3.71 s; 160: 260, 3, 3.77 s; 192: 260, 2, 3.82 s. A smaller basis restarts more
     and needs more products; a larger one saves at most 4 products and pays for them in
     longer orthogonalization sweeps.
     """
