@@ -14,11 +14,11 @@ Batching the block (kernel_design.md section 2.2): terms with a shared weight st
 tangents along the batch (one convolution of batch bN); terms with a shared input stack the b
 weight tangents along output channels (one convolution with bCo outputs, groups = 1), and
 ``conv_w(rx_i, g_y)`` stacks the b input tangents along input channels against the one g_y
-(one weight-gradient call with bCi inputs whose result holds the b products side by side; a
-grouped module keeps one call with bg groups and g_y repeated b times). That call replaced the
-grouped form (b groups, g_y copied b times) for groups = 1: cnn_small's second conv, chunks of
-83 samples, b = 4, one thread, 13.4 -> 3.1 ms per call in isolation; whole block product
-211-215 -> 201-205 ms, a k = 32 solve 10.4-11.0 -> 9.9-10.3 s.
+(one weight-gradient call with bCi inputs whose result holds the b products side by side).
+A grouped module keeps the older form, one call with bg groups and g_y copied b times; for
+groups = 1 the dense call ran cnn_small's second conv (chunks of 83 samples, b = 4, one
+thread) at 3.1 against 13.4 ms per call in isolation: whole block product 211-215 -> 201-205
+ms, a k = 32 solve 10.4-11.0 -> 9.9-10.3 s.
 
 Two ways to run those calls over the batch (``IMC_CONV_BLOCK_PATH``):
 
