@@ -32,7 +32,11 @@ from imc_kernels.hvp.layers.activation import (
 )
 from imc_kernels.hvp.layers.base import LayerRule, Workspace, unsupported
 from imc_kernels.hvp.layers.batchnorm import BatchNormRule, batchnorm_unsupported_reason
-from imc_kernels.hvp.layers.conv2d import Conv2dRule, conv2d_unsupported_reason
+from imc_kernels.hvp.layers.conv2d import (
+    Conv2dRule,
+    conv2d_unsupported_reason,
+    pool_patch_ratio_limit,
+)
 from imc_kernels.hvp.layers.flatten import FlattenRule
 from imc_kernels.hvp.layers.linear import LinearRule
 from imc_kernels.hvp.layers.losses import loss_unsupported_reason, make_loss_rule
@@ -319,6 +323,17 @@ class FusedEngine:
             self.output = h
             for i in range(len(self.rules) - 1, self.first - 1, -1):
                 g = self.rules[i].primal_backward(g, i > self.first)
+            self._absorb_input_pool(inputs.device)
+
+    def _absorb_input_pool(self, device: torch.device) -> None:
+        """Let the first rule with parameters, when it is a convolution followed by max
+        pooling, compute the pooled tangents itself (``Conv2dRule.absorb_max_pool``): its input
+        tangent is zero (no rule before it has a parameter) and its input gradient unused."""
+        if self.first + 1 >= len(self.rules):
+            return
+        conv, pool = self.rules[self.first], self.rules[self.first + 1]
+        if isinstance(conv, Conv2dRule) and isinstance(pool, MaxPool2dRule):
+            conv.absorb_max_pool(pool, pool_patch_ratio_limit(device))
 
     def matmat(
         self,

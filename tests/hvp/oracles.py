@@ -354,6 +354,33 @@ CASES: dict[str, Callable] = {
     "conv_leaky_negative_slope_maxpool": _cnn(
         lambda: nn.Conv2d(2, 3, 2), lambda: nn.LeakyReLU(-0.3), lambda: nn.MaxPool2d(2), in_ch=2
     ),
+    # An input convolution pooled at once (Conv2dRule.absorb_max_pool; taken on the CPU by
+    # default for these three): 2x2 windows, overlapping padded ceil-mode windows after a
+    # dilated bias-free conv, a strided conv with two input channels; a second conv after the
+    # first sees the pooled tangent as its input tangent.
+    "input_conv_relu_maxpool": _cnn(
+        lambda: nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU,
+        lambda: nn.MaxPool2d(2),
+        lambda: nn.Conv2d(4, 3, 2),
+        nn.Tanh,
+        in_ch=1,
+        size=8,
+    ),
+    "input_conv_dilated_sigmoid_maxpool_overlap": _cnn(
+        lambda: nn.Conv2d(1, 3, 2, dilation=2, bias=False),
+        nn.Sigmoid,
+        lambda: nn.MaxPool2d(3, 2, padding=1, ceil_mode=True),
+        in_ch=1,
+        size=9,
+    ),
+    "input_conv_stride2_maxpool": _cnn(
+        lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1),
+        lambda: nn.MaxPool2d(2),
+        nn.ReLU,
+        in_ch=2,
+        size=9,
+    ),
     "pool_first": _cnn(
         lambda: nn.MaxPool2d(2), lambda: nn.Conv2d(2, 3, 2), nn.Sigmoid, in_ch=2, size=8
     ),

@@ -21,6 +21,10 @@ from imc_kernels.hvp.layers.base import LayerRule
 
 
 class MaxPool2dRule(LayerRule):
+    # Set by Conv2dRule.absorb_max_pool: the convolution before computes the pooled tangents
+    # itself and takes the pooled rg_y, so both tangent passes hand their input through.
+    absorbed = False
+
     def primal_forward(self, x):
         m = self.module
         y, indices = F.max_pool2d(
@@ -63,14 +67,16 @@ class MaxPool2dRule(LayerRule):
     # The tangents go to kept buffers (LayerRule.kept): the scatter's zeroed output is the
     # largest tangent of a CNN product (the pre-pool resolution, b vectors).
     def tangent_forward(self, rx, dparams):
-        if rx is None:
-            return None
+        if rx is None or self.absorbed:
+            return rx
         n, b = rx.shape[:2]
         return self._gather(rx, self.kept("ry", (n, b, *self.y_shape[1:]), rx))
 
     def tangent_backward(self, rg_y, need_input_grad):
         if not need_input_grad:
             return None, []
+        if self.absorbed:
+            return rg_y, []
         n, b = rg_y.shape[:2]
         return self._scatter(rg_y, self.kept("rg_x", (n, b, *self.x_shape[1:]), rg_y)), []
 
