@@ -134,3 +134,34 @@ def test_other_devices_get_fresh_tensors():
     first = workspace.get(("rule", "ry"), (4, 5), like)
     assert first.shape == (4, 5) and first.device.type == "meta"
     assert not workspace.buffers
+
+
+def test_a_dead_operators_buffers_serve_the_next_one(oracles, monkeypatch):
+    """A collected operator's kept buffers go to the solver's buffer cache, and the next
+    operator on the same shapes takes them (no fresh memory to page-fault in); its products
+    are bitwise those of an operator on fresh memory. Grown-out buffers go back too."""
+    import gc
+
+    from imc_kernels.linalg import buffers
+
+    gc.collect()
+    buffers.empty_cache()
+    op = _reference_operator(oracles, monkeypatch)
+    block = oracles.random_block(op.dim, 3, seed=7)
+    fresh = op.matmat(block)
+    pointers = {buf.data_ptr() for buf in op._engine.workspace.buffers.values()}
+    del op
+    gc.collect()
+    cached = {t.data_ptr() for t in buffers._free}
+    assert pointers <= cached
+    # Poison what the cache holds: a reused buffer must be fully rewritten by the product.
+    for t in buffers._free:
+        t.fill_(float("nan"))
+    again = _reference_operator(oracles, monkeypatch)
+    assert torch.equal(again.matmat(block), fresh)
+    taken = {buf.data_ptr() for buf in again._engine.workspace.buffers.values()}
+    assert len(taken) == len(pointers) and taken <= cached
+    # A larger block outgrows them: the old buffers are handed back, nothing else holds them.
+    again.matmat(oracles.random_block(again.dim, 5, seed=8))
+    assert taken <= {t.data_ptr() for t in buffers._free}
+    buffers.empty_cache()
