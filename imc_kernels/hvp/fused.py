@@ -328,12 +328,18 @@ class FusedEngine:
     def _absorb_input_pool(self, device: torch.device) -> None:
         """Let the first rule with parameters, when it is a convolution followed by max
         pooling, compute the pooled tangents itself (``Conv2dRule.absorb_max_pool``): its input
-        tangent is zero (no rule before it has a parameter) and its input gradient unused."""
+        tangent is zero (no rule before it has a parameter) and its input gradient unused.
+        An activation right after the pool goes in too where it can
+        (``Conv2dRule.absorb_activation``)."""
         if self.first + 1 >= len(self.rules):
             return
         conv, pool = self.rules[self.first], self.rules[self.first + 1]
-        if isinstance(conv, Conv2dRule) and isinstance(pool, MaxPool2dRule):
-            conv.absorb_max_pool(pool, pool_patch_ratio_limit(device))
+        if not (isinstance(conv, Conv2dRule) and isinstance(pool, MaxPool2dRule)):
+            return
+        if conv.absorb_max_pool(pool, pool_patch_ratio_limit(device)):
+            after = self.rules[self.first + 2] if self.first + 2 < len(self.rules) else None
+            if isinstance(after, ActivationRule):
+                conv.absorb_activation(after)
 
     def matmat(
         self,

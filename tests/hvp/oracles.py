@@ -356,8 +356,8 @@ CASES: dict[str, Callable] = {
     ),
     # An input convolution pooled at once (Conv2dRule.absorb_max_pool; taken on the CPU by
     # default for these three): 2x2 windows, overlapping padded ceil-mode windows after a
-    # dilated bias-free conv, a strided conv with two input channels; a second conv after the
-    # first sees the pooled tangent as its input tangent.
+    # dilated bias-free conv, a strided conv with two input channels and a LeakyReLU after the
+    # pool; a second conv after the first sees the pooled tangent as its input tangent.
     "input_conv_relu_maxpool": _cnn(
         lambda: nn.Conv2d(1, 4, 3, padding=1),
         nn.ReLU,
@@ -377,7 +377,7 @@ CASES: dict[str, Callable] = {
     "input_conv_stride2_maxpool": _cnn(
         lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1),
         lambda: nn.MaxPool2d(2),
-        nn.ReLU,
+        lambda: nn.LeakyReLU(0.2),
         in_ch=2,
         size=9,
     ),

@@ -20,6 +20,7 @@ import torch
 
 from imc_kernels import HessianOperator
 from imc_kernels.hvp.layers import conv2d
+from imc_kernels.hvp.layers.activation import ActivationRule
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 BLOCKS = (1, 3)
@@ -60,6 +61,10 @@ def _absorbed(op: HessianOperator) -> bool:
     )
 
 
+def _absorbed_activation(op: HessianOperator) -> bool:
+    return any(isinstance(rule, ActivationRule) and rule.absorbed for rule in op._engine.rules)
+
+
 @pytest.mark.parametrize("mode", ["auto", "on", "off"])
 @pytest.mark.parametrize("case_name", WITHIN_LIMIT + PAST_LIMIT + NEVER)
 def test_which_models_take_patches(case_name, mode, oracles, monkeypatch):
@@ -70,6 +75,20 @@ def test_which_models_take_patches(case_name, mode, oracles, monkeypatch):
         "off": False,
     }[mode]
     assert _absorbed(_operator(oracles, case_name)) == expected
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("case_name", WITHIN_LIMIT + PAST_LIMIT)
+def test_which_activations_are_folded_in(case_name, curvature, oracles, monkeypatch):
+    """The activation after the pool goes into the patches when its tangent passes are a
+    product with act'(z) alone: (Leaky)ReLU always, Sigmoid and Tanh for the GGN only."""
+    monkeypatch.setenv(conv2d.ENV_POOL_PATCHES, "on")
+    op = _operator(oracles, case_name, curvature=curvature)
+    kinds = [r.kind for r in op._engine.rules if isinstance(r, ActivationRule)]
+    piecewise_linear = kinds[0] in ("relu", "leaky_relu")
+    assert _absorbed_activation(op) == (piecewise_linear or curvature == "ggn")
+    monkeypatch.setenv(conv2d.ENV_POOL_PATCHES, "off")
+    assert not _absorbed_activation(_operator(oracles, case_name, curvature=curvature))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

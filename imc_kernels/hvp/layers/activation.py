@@ -41,6 +41,10 @@ def activation_kind(module: nn.Module) -> tuple[str, float] | None:
 
 
 class ActivationRule(LayerRule):
+    # Set by Conv2dRule.absorb_activation: the pooled input convolution before folds act'(z)
+    # into its patches, so both tangent passes hand their input through.
+    absorbed = False
+
     def __init__(self, module, curvature):
         super().__init__(module, curvature)
         self.kind, self.negative_slope = activation_kind(module)
@@ -83,8 +87,8 @@ class ActivationRule(LayerRule):
 
     def tangent_forward(self, rx, dparams):
         self.rz = rx
-        if rx is None:
-            return None
+        if rx is None or self.absorbed:
+            return rx
         if self.derivatives is not None:
             return torch.mul(rx, self.derivatives[0], out=self.kept("ra", rx.shape, rx))
         _, ra = ops.activation_jvp(
@@ -99,6 +103,8 @@ class ActivationRule(LayerRule):
     def tangent_backward(self, rg_y, need_input_grad):
         if not need_input_grad:
             return None, []
+        if self.absorbed:
+            return rg_y, []
         if self.derivatives is not None:
             rg_z = torch.mul(rg_y, self.derivatives[0], out=self.kept("rg_x", rg_y.shape, rg_y))
             if self.d2_g_a is not None and self.rz is not None:

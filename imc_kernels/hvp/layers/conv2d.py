@@ -37,7 +37,10 @@ and residuals. The price: the patch matrix (58 MB there, 2.25x the layer's outpu
 the operator's workspace, and building it costs ~40 ms per operator, most of it first-touch
 page faults. See ``IMC_CONV_POOL_PATCHES`` and :meth:`Conv2dRule.absorb_max_pool` for when
 it runs. Overlapping and padded pool windows are fine (the products sum over pooled
-positions, as the scatter added).
+positions, as the scatter added). A bias is one more row of the matrix (ones), and an
+activation right after the pool whose tangent passes only multiply by ``act'(z)`` (ReLU,
+LeakyReLU; any for the GGN) is folded in by scaling each pooled position's column by
+``act'(z)`` (:meth:`Conv2dRule.absorb_activation`).
 
 Two ways to run those calls over the batch (``IMC_CONV_BLOCK_PATH``):
 
@@ -82,6 +85,7 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 
 from imc_kernels.hvp.layers.base import LayerRule, unsupported
 from imc_kernels.hvp.layers.pool import MaxPool2dRule
+from imc_kernels.reference import activation as activation_reference
 
 BLOCK_PATHS = ("auto", "batched", "chunked")
 
@@ -178,8 +182,10 @@ class Conv2dRule(LayerRule):
             dilation=module.dilation,
             groups=module.groups,
         )
-        # Set by absorb_max_pool: the (Co, K, N*P) patch matrix and the pool's output shape.
+        # Set by absorb_max_pool: the (Co, K [+ 1], N*P) patch matrix, K = Ci*kh*kw taps
+        # (then a row for the bias), and the pool's output shape.
         self.patches: torch.Tensor | None = None
+        self.taps = 0
         self.pooled_shape: tuple[int, ...] | None = None
 
     # ------------------------------------------------------------------ pooled patches
@@ -194,6 +200,10 @@ class Conv2dRule(LayerRule):
         matrix holds at most ``ratio_limit`` values per value of the convolution's output
         (:func:`pool_patch_ratio_limit`), and it fits the workspace budget beside the
         buffers already kept (it is kept in the workspace, so it counts against it).
+
+        The matrix has one row per tap of the kernel, then, with a bias, a row of ones: the
+        bias tangent is then one more weight column of the same GEMM, and its product one
+        more output column.
         """
         if ratio_limit is None or self.module.groups != 1:
             return False
@@ -201,13 +211,14 @@ class Conv2dRule(LayerRule):
         pooled = tuple(pool.y_shape)
         p = pooled[2] * pooled[3]
         kh, kw = self.module.kernel_size
-        k = self.x.shape[1] * kh * kw
-        if k * p > ratio_limit * ho * wo:
+        taps = self.x.shape[1] * kh * kw
+        if taps * p > ratio_limit * ho * wo:
             return False
-        needed = co * k * n * p * self.x.element_size()
+        rows = taps + (self.module.bias is not None)
+        needed = co * rows * n * p * self.x.element_size()
         if self.workspace.nbytes + needed > self.workspace.limit_bytes:
             return False
-        patches = self.workspace.get((id(self), "patches"), (co, k, n * p), self.x)
+        patches = self.workspace.get((id(self), "patches"), (co, rows, n * p), self.x)
         columns = F.unfold(
             self.x,
             self.module.kernel_size,
@@ -215,48 +226,69 @@ class Conv2dRule(LayerRule):
             padding=self.padding,
             stride=self.module.stride,
         )  # (N, K, Ho*Wo), positions in the order of the pool's flat indices
-        view = patches.view(co, k, n, p)
+        view = patches.view(co, rows, n, p)
         for c in range(co):  # one channel at a time: no (N, Co, K, P) temporary
-            index = pool.indices[:, c : c + 1].expand(n, k, p)
-            view[c].copy_(torch.gather(columns, 2, index).transpose(0, 1))
-        self.patches, self.pooled_shape = patches, pooled
+            index = pool.indices[:, c : c + 1].expand(n, taps, p)
+            view[c, :taps].copy_(torch.gather(columns, 2, index).transpose(0, 1))
+        if rows > taps:
+            view[:, taps].fill_(1)
+        self.patches, self.taps, self.pooled_shape = patches, taps, pooled
         pool.absorbed = True
+        return True
+
+    def absorb_activation(self, activation) -> bool:
+        """After :meth:`absorb_max_pool`, also take the elementwise activation that follows
+        the pool (``ActivationRule``), when its tangent passes are a product with ``act'(z)``
+        alone: ReLU and LeakyReLU (``act'' = 0``), or any activation for the GGN. Each
+        pooled position's patch column (the bias row included) is scaled by ``act'(z)`` there
+        once, and the activation's tangent passes hand their input through: two elementwise
+        passes less per product. Returns whether it did."""
+        if self.patches is None:
+            return False
+        if self.hessian and activation.kind not in ("relu", "leaky_relu"):
+            return False
+        slope = activation.negative_slope
+        d1, _ = activation_reference.derivatives(activation.z, activation.kind, slope, False)
+        co, rows = self.patches.shape[:2]
+        n = d1.shape[0]
+        scale = d1.reshape(n, co, -1).transpose(0, 1).unsqueeze(1)  # (Co, 1, N, P)
+        self.patches.view(co, rows, n, -1).mul_(scale)
+        activation.absorbed = True
         return True
 
     def _pooled_forward(self, d_weight, d_bias):
         """``dW_i patches + dc_i`` at the pooled positions, as (N, b, Co, Hp, Wp)."""
         n, co, hp, wp = self.pooled_shape
-        k = self.patches.shape[1]
+        p = hp * wp
+        rows, taps = self.patches.shape[1], self.taps
         b = (d_weight if d_weight is not None else d_bias).shape[0]
-        ry = self.kept("ry_pooled", (n, b, *self.pooled_shape[1:]), self.patches)
-        out = ry.view(n, b, co, hp * wp)
-        if d_weight is None:
-            out.copy_(d_bias.view(1, b, co, 1).expand_as(out))
-            return ry
-        product = self.kept("patch_product", (co, b, n * hp * wp), self.patches)
-        torch.bmm(d_weight.reshape(b, co, k).transpose(0, 1), self.patches, out=product)
-        product = product.view(co, b, n, hp * wp).permute(2, 1, 0, 3)
-        if d_bias is None:
-            out.copy_(product)
-        else:
-            torch.add(product, d_bias.view(1, b, co, 1), out=out)
+        # The (Co, b, K [+ 1]) weights of the GEMM: the weight tangents, the bias tangents.
+        weights = self.patches.new_zeros(co, b, rows)
+        if d_weight is not None:
+            weights[:, :, :taps] = d_weight.reshape(b, co, taps).transpose(0, 1)
+        if d_bias is not None:
+            weights[:, :, taps] = d_bias.T
+        product = self.kept("patch_product", (co, b, n * p), self.patches)
+        torch.bmm(weights, self.patches, out=product)
+        ry = self.kept("ry_pooled", (n, b, co, hp, wp), self.patches)
+        ry.view(n, b, co, p).copy_(product.view(co, b, n, p).permute(2, 1, 0, 3))
         return ry
 
     def _pooled_backward(self, rg_y):
-        """``(Hv)_W = rg_y patches^T`` and ``(Hv)_c = sum rg_y`` from the pooled ``rg_y``."""
+        """``(Hv)_W = rg_y patches^T`` and ``(Hv)_c = sum rg_y`` (the bias row's column) from
+        the pooled ``rg_y``."""
         n, b, co = rg_y.shape[:3]
         p = rg_y.shape[3] * rg_y.shape[4]
         weight, bias = self.module.weight, self.module.bias
         # (Co, b, N*P): each channel's b rows contiguous for the batched GEMM.
         grads = self.kept("rg_pooled", (co, b, n, p), rg_y)
         grads.copy_(rg_y.view(n, b, co, p).permute(2, 1, 0, 3))
-        grads = grads.view(co, b, n * p)
+        hv = torch.bmm(grads.view(co, b, n * p), self.patches.transpose(1, 2))  # (Co, b, rows)
         hv_weight = hv_bias = None
         if weight.requires_grad:
-            hv = torch.bmm(grads, self.patches.transpose(1, 2))  # (Co, b, K)
-            hv_weight = hv.transpose(0, 1).reshape(b, *weight.shape)
+            hv_weight = hv[:, :, : self.taps].transpose(0, 1).reshape(b, *weight.shape)
         if bias is not None and bias.requires_grad:
-            hv_bias = grads.sum(2).T
+            hv_bias = hv[:, :, self.taps].T.contiguous()
         return hv_weight, hv_bias
 
     def _conv(self, x, weight, bias=None):
