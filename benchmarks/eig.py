@@ -44,6 +44,7 @@ import argparse
 import copy
 import dataclasses
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -839,7 +840,7 @@ def head_to_head(problem: Problem, k: int, report: Report, settings: Settings, s
         sync()
         return time.perf_counter() - start
 
-    ratios = []
+    ratios, ours_times, peer_times = [], [], []
     for index in range(rounds):
         if index % 2 == 0:
             ours_s = once("ours", {})
@@ -848,6 +849,8 @@ def head_to_head(problem: Problem, k: int, report: Report, settings: Settings, s
             peer_s = once(peer["method"], setting)
             ours_s = once("ours", {})
         ratios.append(peer_s / ours_s)
+        ours_times.append(ours_s)
+        peer_times.append(peer_s)
     ratios.sort()
     ours.update(
         h2h_peer=f"{peer['method']} ({peer['setting']})",
@@ -855,10 +858,14 @@ def head_to_head(problem: Problem, k: int, report: Report, settings: Settings, s
         h2h_ratio=ratios[len(ratios) // 2],
         h2h_ratio_min=ratios[0],
         h2h_ratio_max=ratios[-1],
+        # What moved the ratio against the blocks above: ours, the peer, or both.
+        h2h_ours_s=statistics.median(ours_times),
+        h2h_peer_s=statistics.median(peer_times),
     )
     print(
         f"  {problem.name} k={k} head-to-head with {ours['h2h_peer']}, {rounds} interleaved "
-        f"rounds: peer / ours median {ours['h2h_ratio']:.2f} [{ratios[0]:.2f}, {ratios[-1]:.2f}]",
+        f"rounds: peer / ours median {ours['h2h_ratio']:.2f} [{ratios[0]:.2f}, {ratios[-1]:.2f}]"
+        f" (median times: ours {ours['h2h_ours_s']:.2f} s, peer {ours['h2h_peer_s']:.2f} s)",
         flush=True,
     )
 
@@ -930,8 +937,14 @@ def target_lines(report: Report) -> list[str]:
                 text += (
                     f" Interleaved head-to-head ({ours['h2h_rounds']} rounds, alternating "
                     f"order): {ours['h2h_ratio']:.2f}x ours (per-round range "
-                    f"{ours['h2h_ratio_min']:.2f}-{ours['h2h_ratio_max']:.2f})."
+                    f"{ours['h2h_ratio_min']:.2f}-{ours['h2h_ratio_max']:.2f})"
                 )
+                if "h2h_ours_s" in ours:
+                    text += (
+                        f", median times ours {ours['h2h_ours_s']:.2f} s, "
+                        f"peer {ours['h2h_peer_s']:.2f} s"
+                    )
+                text += "."
         if not reached:
             text += " No peer reached that residual within the caps."
         lines.append(text)

@@ -505,7 +505,12 @@ def test_eig_head_to_head_interleaves_and_takes_per_round_ratios(monkeypatch):
     ours = report.rows[0]
     assert ours["h2h_rounds"] == 4 and ours["h2h_peer"] == "peer_fast (default)"
     assert 2.0 < ours["h2h_ratio_min"] <= ours["h2h_ratio"] <= ours["h2h_ratio_max"] < 4.5
-    assert any("Interleaved head-to-head (4 rounds" in line for line in eig.target_lines(report))
+    # The per-method medians are recorded too (the peer's sleeps are ~3x ours').
+    assert 2.0 < ours["h2h_peer_s"] / ours["h2h_ours_s"] < 4.5
+    assert any(
+        "Interleaved head-to-head (4 rounds" in line and "median times ours" in line
+        for line in eig.target_lines(report)
+    )
     # No right peer: nothing to compare.
     report.rows = [r for r in report.rows if r["method"] in ("ours", "peer_wrong")]
     del report.rows[0]["h2h_ratio"]
