@@ -4,6 +4,8 @@ every name and keyword the others use exists in the API (they need a data set, t
 process group, so they are checked without running)."""
 
 import ast
+import importlib
+import importlib.util
 import inspect
 import re
 from pathlib import Path
@@ -23,9 +25,28 @@ def test_the_readme_has_its_examples():
     assert "HessianOperator" in BLOCKS[0] and "top_eigvecs" in BLOCKS[1]
 
 
+def _import_triton_kernel_modules() -> None:
+    """Import every imc_kernels module that defines Triton kernels, now.
+
+    ``@triton.jit`` decides when its module is imported whether it makes an interpreted
+    function. The kernel modules are imported lazily, on first use: one first imported while
+    the test below has the interpreter off would keep compiled kernels, which every later CPU
+    test in the session then fails to call ("Cannot call @triton.jit'd outside of the scope
+    of a kernel"; seen when this file ran before tests/hvp).
+    """
+    if importlib.util.find_spec("triton") is None:
+        return
+    package = Path(imc_kernels.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        if "triton.jit" in path.read_text(encoding="utf-8"):
+            parts = path.relative_to(package.parent).with_suffix("").parts
+            importlib.import_module(".".join(parts))
+
+
 def test_the_first_examples_run_and_match_an_independent_engine(monkeypatch):
     # As on a user's CPU: the elementwise ops on their C++/PyTorch paths, not in the Triton
     # interpreter the other tests use (minutes at 238,510 weights).
+    _import_triton_kernel_modules()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     namespace: dict = {}
     exec(compile(BLOCKS[0], "README.md (Example)", "exec"), namespace)  # noqa: S102
