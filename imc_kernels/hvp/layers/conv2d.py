@@ -96,6 +96,21 @@ BLOCK_PATHS = ("auto", "batched", "chunked")
 CHUNK_BYTES = 8 * 2**20
 
 
+def _setting(variable: str, choices: tuple[str, ...]) -> str:
+    """The environment ``variable`` lower-cased, ``"auto"`` when unset or empty.
+
+    Raises:
+        ValueError: it holds something outside ``choices``.
+    """
+    setting = os.environ.get(variable, "auto").strip().lower() or "auto"
+    if setting not in choices:
+        raise ValueError(
+            f"{variable}={setting!r} is not one of {', '.join(choices)}; "
+            "unset it to let the Conv2d rule choose by device"
+        )
+    return setting
+
+
 def block_path(device: torch.device) -> str:
     """``"batched"`` or ``"chunked"``: how the block terms run on ``device``.
 
@@ -105,12 +120,7 @@ def block_path(device: torch.device) -> str:
     Raises:
         ValueError: the variable holds something else.
     """
-    setting = os.environ.get("IMC_CONV_BLOCK_PATH", "auto").strip().lower() or "auto"
-    if setting not in BLOCK_PATHS:
-        raise ValueError(
-            f"IMC_CONV_BLOCK_PATH={setting!r} is not one of {', '.join(BLOCK_PATHS)}; "
-            "unset it to let the Conv2d rule choose by device"
-        )
+    setting = _setting("IMC_CONV_BLOCK_PATH", BLOCK_PATHS)
     if setting == "auto":
         return "chunked" if device.type == "cpu" else "batched"
     return setting
@@ -138,12 +148,7 @@ def pool_patch_ratio_limit(device: torch.device) -> float | None:
     Raises:
         ValueError: the variable holds something else.
     """
-    setting = os.environ.get(ENV_POOL_PATCHES, "auto").strip().lower() or "auto"
-    if setting not in POOL_PATCH_MODES:
-        raise ValueError(
-            f"{ENV_POOL_PATCHES}={setting!r} is not one of {', '.join(POOL_PATCH_MODES)}; "
-            "unset it to let the Conv2d rule choose by device"
-        )
+    setting = _setting(ENV_POOL_PATCHES, POOL_PATCH_MODES)
     if setting == "off":
         return None
     if setting == "on":
