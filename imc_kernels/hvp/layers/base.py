@@ -71,8 +71,9 @@ class Workspace:
     def __init__(self, limit_bytes: int | None = None):
         self.limit_bytes = default_workspace_bytes() if limit_bytes is None else limit_bytes
         self.buffers: dict[tuple, torch.Tensor] = {}
-        # The buffers go to the solver's buffer cache when the workspace dies (see _release).
-        weakref.finalize(self, _release, self.buffers)
+        # The buffers go to the solver's buffer cache when the workspace dies (see _release);
+        # not at interpreter exit, where no later operator could take them.
+        weakref.finalize(self, _release, self.buffers).atexit = False
 
     def holds(self, key: tuple, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` lives in the buffer kept for ``key``."""
